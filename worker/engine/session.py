@@ -1,0 +1,223 @@
+"""ONNX graphs prepared for a device and precision, and ONNX Runtime sessions over them.
+
+Graphs built or rewritten here are cached under ``<cache>/graphs/<sha256 of the weights>``,
+so a changed weights file gets a new graph and an unchanged one is never rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+
+from ..errors import ModelError
+from .bert_onnx import BertConfig, build_bert, load_safetensors
+from .resolve import ModelFiles
+
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "int8", "fp16"]
+BUILDER_VERSION = 1
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_atomic(model: onnx.ModelProto, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cuda_available() -> bool:
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def pick_device(device: Device) -> Literal["cpu", "cuda"]:
+    if device == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if device == "cuda":
+        raise ModelError(
+            "--device cuda: this onnxruntime has no CUDA provider; "
+            "pip uninstall onnxruntime && pip install onnxruntime-gpu (CUDA 12/13 and cuDNN 9)"
+        )
+    return "cpu"
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+# --------------------------------------------------------------------------- graphs
+
+
+def _probe_same(a: Path | bytes, b: Path | bytes, hidden: int) -> float:
+    """Smallest per-token cosine between two graphs' outputs on a padded random batch."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(7)
+    ids = rng.integers(1000, 20000, size=(2, 24), dtype=np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 15:] = 0
+    outs = []
+    for model in (a, b):
+        src = str(model) if isinstance(model, Path) else model
+        sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in {i.name for i in sess.get_inputs()}:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        outs.append(sess.run(None, feeds)[0].reshape(-1, hidden)[mask.reshape(-1) == 1])
+    x, y = outs
+    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    return float(cos.min())
+
+
+def _fuse_onnx(files: ModelFiles, source: Path, dest: Path) -> Path:
+    """ONNX Runtime's transformer fusions (Attention, SkipLayerNorm, Gelu) for an exported
+    BERT graph, kept only if the outputs stay the same; else the original graph."""
+    marker = dest.with_suffix(".json")
+    if dest.is_file():
+        return dest
+    if marker.is_file():
+        return source
+    used = source
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        cfg = BertConfig.from_file(files.config) if files.config else None
+        if cfg is not None:
+            opt = optimize_model(
+                str(source),
+                model_type="bert",
+                num_heads=cfg.num_attention_heads,
+                hidden_size=cfg.hidden_size,
+                opt_level=0,
+            )
+            stats = opt.get_fused_operator_statistics()
+            fused = stats.get("Attention", 0) + stats.get("MultiHeadAttention", 0)
+            if fused:
+                model_bytes = opt.model.SerializeToString()
+                cos = _probe_same(source, model_bytes, cfg.hidden_size)
+                if cos >= 0.99999:
+                    _save_atomic(opt.model, dest)
+                    used = dest
+                else:
+                    log.warning("attention fusion changed the outputs (cos %.6f): not used", cos)
+    except Exception as exc:  # the optimizer is best effort; the original graph always works
+        log.warning("graph fusion skipped for %s: %s", source, exc)
+    if used is source:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"fused": False, "source": str(source)}))
+    return used
+
+
+def _quantize_int8(fp32: Path, dest: Path) -> Path:
+    if dest.is_file():
+        return dest
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    log.info("quantizing %s to int8 (per-channel weights)", fp32.name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".int8.", suffix=".onnx", dir=dest.parent)
+    os.close(fd)
+    try:
+        quantize_dynamic(
+            str(fp32),
+            tmp,
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _to_fp16(fp32: Path, dest: Path) -> Path:
+    if dest.is_file():
+        return dest
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32)), keep_io_types=True)
+    _save_atomic(model, dest)
+    return dest
+
+
+def prepare_graph(files: ModelFiles, precision: Precision, cache: Path) -> Path:
+    """The ONNX file to run for this model and precision, building it if needed."""
+    source = files.weights
+    key = f"{file_sha256(source)[:24]}-v{BUILDER_VERSION}"
+    folder = cache / "graphs" / key
+    if files.onnx is not None:
+        fp32 = _fuse_onnx(files, files.onnx, folder / "fp32.onnx")
+    else:
+        fp32 = folder / "fp32.onnx"
+        if not fp32.is_file():
+            assert files.config is not None  # inspect() requires it with safetensors
+            log.info("building an ONNX graph from %s", source)
+            cfg = BertConfig.from_file(files.config)
+            _save_atomic(build_bert(cfg, load_safetensors(source), fused=True), fp32)
+    if precision == "int8":
+        return _quantize_int8(fp32, folder / "int8.onnx")
+    if precision == "fp16":
+        return _to_fp16(fp32, folder / "fp16.onnx")
+    return fp32
+
+
+def create_session(path: Path, device: Literal["cpu", "cuda"], threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or usable_cpus()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device == "cuda":
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            try:
+                preload()
+            except Exception as exc:  # pragma: no cover - depends on the CUDA install
+                log.debug("preload_dlls: %s", exc)
+        providers = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load {path}: {exc}") from exc
+    active = session.get_providers()[0]
+    if device == "cuda" and active != "CUDAExecutionProvider":
+        raise ModelError(
+            "the CUDA provider did not start (CUDA or cuDNN libraries missing?); "
+            "run with --device cpu, or see onnxruntime's CUDA requirements"
+        )
+    return session
