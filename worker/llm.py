@@ -9,6 +9,7 @@ model and other 4xx answers are not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,7 +17,7 @@ import math
 import os
 import string
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -285,24 +286,26 @@ class LLMClient:
             raise (LLMTimeout if isinstance(exc, LLMTimeout) else LLMError)(message) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _timeout(self, seconds: float, what: str = "answer") -> LLMTimeout:
-        return LLMTimeout(f"{self._who} did not {what} within {seconds:g} s")
-
-    def _transport_error(self, exc: httpx.TransportError) -> _Transient:
-        if isinstance(exc, httpx.ConnectError):
-            return _Transient(
-                f"could not connect to the LLM server at {self.host} ({exc}); is it running? "
+    @contextlib.contextmanager
+    def _translated(self, limit: float, what: str = "answer") -> Iterator[None]:
+        """httpx and asyncio failures as LLMTimeout or _Transient (both retried)."""
+        try:
+            yield
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            raise LLMTimeout(f"{self._who} did not {what} within {limit:g} s") from exc
+        except httpx.ConnectError as exc:
+            raise _Transient(
+                f"could not connect to {self._who} ({exc}); is it running? "
                 "Set OLLAMA_HOST to point elsewhere"
-            )
-        return _Transient(f"lost the connection to the LLM server at {self.host} midway ({exc!r})")
+            ) from exc
+        except httpx.TransportError as exc:
+            raise _Transient(f"lost the connection to {self._who} midway ({exc!r})") from exc
 
     async def _check_status(self, response: httpx.Response, model: str | None) -> None:
         if response.status_code < 400:
             return
-        try:
+        with self._translated(_LIST_TIMEOUT):
             await response.aread()
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc) from exc
         code, text = response.status_code, _error_text(response)
         path = response.request.url.path
         if code == 404 and model is not None and ("model" in text.lower() or model in text):
@@ -325,13 +328,9 @@ class LLMClient:
         self, method: str, path: str, body: object, model: str | None, o: GenerateOptions
     ) -> Any:
         logger.debug("LLM %s %s%s", method, self.host, path)
-        try:
+        with self._translated(o.timeout):
             async with asyncio.timeout(o.timeout):
                 response = await self._http.request(method, path, json=body, timeout=o.timeout)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            raise self._timeout(o.timeout) from exc
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc) from exc
         await self._check_status(response, model)
         try:
             return response.json()
@@ -394,16 +393,11 @@ class LLMClient:
     ) -> tuple[str, bool]:
         while True:
             try:
-                async with asyncio.timeout_at(deadline):
-                    line = await anext(lines)
+                with self._translated(limit, "finish the generation"):
+                    async with asyncio.timeout_at(deadline):
+                        line = await anext(lines)
             except StopAsyncIteration:
-                raise _Transient(
-                    f"{self._who} ended the stream before saying it was done"
-                ) from None
-            except (TimeoutError, httpx.TimeoutException) as exc:
-                raise self._timeout(limit, "finish the generation") from exc
-            except httpx.TransportError as exc:
-                raise self._transport_error(exc) from exc
+                raise _Transient(f"{self._who} ended the stream before it was done") from None
             piece, done = self._parse_line(line)
             if piece or done:
                 return piece, done
@@ -413,21 +407,15 @@ class LLMClient:
         deadline = asyncio.get_running_loop().time() + limit
         logger.debug("LLM POST %s%s (stream)", self.host, path)
         request = self._http.build_request("POST", path, json=body, timeout=limit)
-        try:
+        with self._translated(limit):
             async with asyncio.timeout_at(deadline):
                 response = await self._http.send(request, stream=True)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            raise self._timeout(limit) from exc
-        except httpx.TransportError as exc:
-            raise self._transport_error(exc) from exc
         try:
-            async with asyncio.timeout_at(deadline):
-                await self._check_status(response, model)
+            with self._translated(limit):
+                async with asyncio.timeout_at(deadline):
+                    await self._check_status(response, model)
             lines = response.aiter_lines()
             first, done = await self._read_piece(lines, deadline, limit)
-        except TimeoutError as exc:
-            await response.aclose()
-            raise self._timeout(limit) from exc
         except BaseException:
             await response.aclose()
             raise

@@ -69,7 +69,7 @@ class RecordedRequest:
     path: str
     body: Any  # the parsed JSON body, the raw text if it was not JSON, None if empty
     received_at: float  # time.monotonic()
-    finished_at: float | None = None  # when the last byte of the answer was handed over
+    finished_at: float | None = None  # when the server finished (or gave up on) its answer
 
 
 class _Dropped(Exception):
@@ -393,17 +393,23 @@ class OllamaStandIn:
     async def _stream_body(
         self, rec: RecordedRequest, chunks: Iterable[bytes], faults: Faults, openai: bool
     ) -> AsyncIterator[bytes]:
+        items = list(chunks)
         try:
-            for i, chunk in enumerate(chunks):
+            for i, chunk in enumerate(items):
                 if faults.drop and i == faults.drop_after:
                     raise _Dropped
                 if faults.malformed and i == 1:
                     yield _sse(b"{not json") if openai else b'{"response": "oops\n'
                     continue
                 await self._sleep(faults.word_delay)
+                # Set before the client can read the chunk that ends the answer (OpenAI: the
+                # one with finish_reason, which precedes "[DONE]").
+                if i == len(items) - (2 if openai else 1):
+                    rec.finished_at = time.monotonic()
                 yield chunk
         finally:
-            rec.finished_at = time.monotonic()
+            if rec.finished_at is None:
+                rec.finished_at = time.monotonic()
 
     def _ollama_chunks(
         self, api: str, model: str, pieces: list[str], reason: str, prompt: str, *, stream: bool

@@ -217,6 +217,10 @@ def resolve(
     if spec is None and (path.is_dir() or os.sep in name_or_path or name_or_path.startswith(".")):
         return inspect(path)
     if spec is None:
+        # a model directory someone put in the cache under a name of their own
+        for root in cache_roots(env):
+            if (root / name_or_path / "tokenizer.json").is_file():
+                return inspect(root / name_or_path, name_or_path)
         spec = require(name_or_path)  # raises: unknown model
     for root in cache_roots(env):
         candidate = root / spec.name

@@ -1,0 +1,80 @@
+"""Connections, SQL loaded from files, and driver errors turned into autoembed's own."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from .errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def sql_root() -> Path:
+    """The directory holding ``migrations/`` and ``sql/`` (the repository root)."""
+    override = os.environ.get("AUTOEMBED_SQL_ROOT")
+    return Path(override) if override else PACKAGE_DIR.parent
+
+
+@cache
+def queries() -> dict[str, str]:
+    """The named statements of ``worker/queries.sql`` (``-- name: x`` blocks)."""
+    text = (PACKAGE_DIR / "queries.sql").read_text()
+    blocks = re.split(r"^-- name: (\w+)\s*$", text, flags=re.MULTILINE)
+    return {name: body.strip() for name, body in zip(blocks[1::2], blocks[2::2], strict=True)}
+
+
+def q(name: str) -> sql.SQL:
+    return sql.SQL(queries()[name])  # type: ignore[arg-type]
+
+
+def describe(exc: BaseException) -> str:
+    """A driver error as one readable message, with PostgreSQL's hint when it has one."""
+    if isinstance(exc, psycopg.Error) and exc.diag is not None and exc.diag.message_primary:
+        text = exc.diag.message_primary
+        if exc.diag.message_hint:
+            text += f"\nhint: {exc.diag.message_hint}"
+        return text
+    return str(exc).strip() or type(exc).__name__
+
+
+def translate(exc: BaseException, doing: str) -> DatabaseError:
+    return DatabaseError(f"{doing}: {describe(exc)}")
+
+
+async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Per-connection set-up: pgvector's types, once the extension exists."""
+    from pgvector.psycopg import register_vector_async
+
+    try:
+        await register_vector_async(conn)
+    except psycopg.ProgrammingError:
+        log.debug("pgvector is not installed in this database yet")
+
+
+async def connect(url: str, *, vector: bool = True, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **kwargs)
+    except psycopg.Error as exc:
+        raise translate(exc, "cannot connect to the database") from exc
+    if vector:
+        await configure(conn)
+    return conn
+
+
+async def fetch_dicts(
+    conn: psycopg.AsyncConnection[Any], query: sql.Composable | str, params: Any = None
+) -> list[dict[str, Any]]:
+    async with conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(query, params)  # type: ignore[arg-type]
+        return await cur.fetchall()

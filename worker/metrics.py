@@ -1,0 +1,73 @@
+"""Prometheus metrics of one process (a registry per Worker/app, no global state)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .engine import EmbedStats
+
+
+class _EngineCollector(Collector):
+    """Texts and tokens per second since start, read from the embedders' own counters."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        elapsed = max(time.monotonic() - self.metrics.started, 1e-9)
+        texts = GaugeMetricFamily(
+            "autoembed_texts_per_second", "Texts embedded per second since start", labels=["model"]
+        )
+        tokens = GaugeMetricFamily(
+            "autoembed_tokens_per_second", "Tokens embedded per second since start", labels=["model"]
+        )
+        truncated = GaugeMetricFamily(
+            "autoembed_truncated_texts", "Texts cut at the model's token limit", labels=["model"]
+        )
+        for name, stats in self.metrics.engines.items():
+            texts.add_metric([name], stats.texts / elapsed)
+            tokens.add_metric([name], stats.tokens / elapsed)
+            truncated.add_metric([name], stats.truncated)
+        yield texts
+        yield tokens
+        yield truncated
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.started = time.monotonic()
+        self.engines: dict[str, EmbedStats] = {}
+        self.claimed = Counter(
+            "autoembed_jobs_claimed", "Jobs claimed", ["lane"], registry=self.registry
+        )
+        self.completed = Counter(
+            "autoembed_jobs_completed", "Jobs finished", ["lane"], registry=self.registry
+        )
+        self.failed = Counter(
+            "autoembed_jobs_failed", "Job attempts that failed", ["lane"], registry=self.registry
+        )
+        self.queue_depth = Gauge(
+            "autoembed_queue_depth", "Jobs waiting, by status", ["status"], registry=self.registry
+        )
+        self.batch_seconds = Histogram(
+            "autoembed_batch_seconds",
+            "Seconds from claim to commit of one batch",
+            ["lane"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.http_requests = Counter(
+            "autoembed_http_requests", "HTTP requests", ["path", "status"], registry=self.registry
+        )
+        self.registry.register(_EngineCollector(self))
+
+    def track(self, name: str, stats: EmbedStats) -> None:
+        self.engines[name] = stats
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,107 @@
+"""Migrations: versioned files applied once each, in order, recorded with their checksum;
+then the repeatable definitions of ``sql/`` re-applied. One transaction under an advisory
+lock, so several processes may run it at once."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .db import connect, configure, describe, sql_root
+from .errors import MigrationError
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = 0x6175746F656D62  # "autoemb"
+
+LEDGER = """
+CREATE SCHEMA IF NOT EXISTS autoembed;
+CREATE TABLE IF NOT EXISTS autoembed.schema_migrations (
+    version    text PRIMARY KEY,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+@dataclass
+class MigrateReport:
+    applied: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    repeatable: list[str] = field(default_factory=list)
+
+
+def checksum(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def migration_files(root: Path | None = None) -> list[Path]:
+    folder = (root or sql_root()) / "migrations"
+    return sorted(folder.glob("*.sql"))
+
+
+def repeatable_files(root: Path | None = None) -> list[Path]:
+    return sorted(((root or sql_root()) / "sql").glob("*.sql"))
+
+
+async def migrate_connection(
+    conn: psycopg.AsyncConnection[Any], root: Path | None = None
+) -> MigrateReport:
+    report = MigrateReport()
+    files = migration_files(root)
+    if not files:
+        raise MigrationError(f"no migrations found under {(root or sql_root()) / 'migrations'}")
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            await conn.execute(LEDGER)
+            cur = await conn.execute("SELECT version, checksum FROM autoembed.schema_migrations")
+            applied = {version: digest for version, digest in await cur.fetchall()}
+            known = {f.stem for f in files}
+            unknown = sorted(set(applied) - known)
+            if unknown:
+                raise MigrationError(
+                    f"the database has migrations this autoembed does not know ({', '.join(unknown)}): "
+                    "it was migrated by a newer version; upgrade autoembed"
+                )
+            for path in files:
+                digest = checksum(path)
+                if path.stem in applied:
+                    if applied[path.stem] != digest:
+                        raise MigrationError(
+                            f"migration {path.name} was applied with checksum "
+                            f"{applied[path.stem][:12]}… but the file now has {digest[:12]}…: "
+                            "an applied migration must never change; put the change in a new "
+                            "migration file"
+                        )
+                    report.already.append(path.stem)
+                    continue
+                log.info("applying migration %s", path.name)
+                await conn.execute(path.read_text())  # type: ignore[arg-type]
+                await conn.execute(
+                    "INSERT INTO autoembed.schema_migrations (version, checksum) VALUES (%s, %s)",
+                    (path.stem, digest),
+                )
+                report.applied.append(path.stem)
+            for path in repeatable_files(root):
+                await conn.execute(path.read_text())  # type: ignore[arg-type]
+                report.repeatable.append(path.stem)
+    except MigrationError:
+        raise
+    except psycopg.Error as exc:
+        raise MigrationError(f"migration failed, nothing was changed: {describe(exc)}") from exc
+    await configure(conn)
+    return report
+
+
+async def migrate(url: str, root: Path | None = None) -> MigrateReport:
+    conn = await connect(url, vector=False)
+    try:
+        return await migrate_connection(conn, root)
+    finally:
+        await conn.close()

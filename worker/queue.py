@@ -1,0 +1,266 @@
+"""The durable queue in ``autoembed.jobs``: claim with a lease, finish, fail, release.
+
+Static statements come from ``queries.sql``; statements that touch a watched table are
+composed here with ``psycopg.sql`` so every identifier is quoted by the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from psycopg import AsyncConnection, sql
+from psycopg_pool import AsyncConnectionPool
+
+from .db import fetch_dicts, q
+
+log = logging.getLogger(__name__)
+
+LANES = ("embed", "summary")
+
+
+@dataclass(frozen=True)
+class Watch:
+    id: int
+    schema: str
+    table_name: str
+    pk_column: str
+    pk_type: str
+    content_column: str
+    embedding_column: str
+    model: str
+    dim: int
+    summary_column: str | None
+    llm_model: str | None
+    llm_prompt: str | None
+    llm_options: Mapping[str, Any]
+    vector_schema: str
+
+    @property
+    def table(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.table_name)
+
+    @property
+    def label(self) -> str:
+        return f"{self.schema}.{self.table_name}.{self.embedding_column}"
+
+    @property
+    def pk_array(self) -> sql.Composable:
+        # pk_type comes from format_type() in the catalog: a type name PostgreSQL quoted itself
+        return sql.SQL("{}[]").format(sql.SQL(self.pk_type))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    watch_id: int
+    pk: str
+    generation: int
+    attempts: int
+
+
+@dataclass
+class Outcome:
+    """What finishing a batch did."""
+
+    written: list[str] = field(default_factory=list)  # vectors (or summaries) stored
+    cleared: list[str] = field(default_factory=list)  # NULL or empty text: vector cleared
+    missing: list[str] = field(default_factory=list)  # row deleted meanwhile: job dropped
+    stale: list[str] = field(default_factory=list)  # text changed since read: not written
+
+    @property
+    def done(self) -> int:
+        return len(self.written) + len(self.cleared) + len(self.missing)
+
+
+class ModelChanged(Exception):
+    """The watch's model changed after the batch was claimed."""
+
+
+class Queue:
+    def __init__(self, pool: AsyncConnectionPool[Any], worker: str) -> None:
+        self.pool = pool
+        self.worker = worker
+
+    async def watches(self) -> dict[int, Watch]:
+        async with self.pool.connection() as conn:
+            rows = await fetch_dicts(conn, q("watches"))
+        return {r["id"]: Watch(**r) for r in rows}
+
+    async def claim(
+        self, lane: str, watch_ids: Sequence[int], limit: int, lease: float
+    ) -> list[Job]:
+        if not watch_ids:
+            return []
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                q("claim"),
+                {
+                    "lane": lane,
+                    "watches": list(watch_ids),
+                    "limit": limit,
+                    "lease": lease,
+                    "worker": self.worker,
+                },
+            )
+            return [Job(*row) for row in await cur.fetchall()]
+
+    async def read_texts(self, watch: Watch, pks: Sequence[str]) -> dict[str, str | None]:
+        query = sql.SQL(
+            "SELECT {pk}::text, {content}::text FROM {table} WHERE {pk} = ANY(%s::{pks})"
+        ).format(
+            pk=sql.Identifier(watch.pk_column),
+            content=sql.Identifier(watch.content_column),
+            table=watch.table,
+            pks=watch.pk_array,
+        )
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query, (list(pks),))
+            return {pk: text for pk, text in await cur.fetchall()}
+
+    async def read_rows(self, watch: Watch, pks: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Whole rows as JSON objects (for prompt templates that use any column)."""
+        query = sql.SQL(
+            "SELECT t.{pk}::text, to_jsonb(t) FROM {table} AS t WHERE t.{pk} = ANY(%s::{pks})"
+        ).format(pk=sql.Identifier(watch.pk_column), table=watch.table, pks=watch.pk_array)
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query, (list(pks),))
+            return {pk: row for pk, row in await cur.fetchall()}
+
+    async def _check_model(self, conn: AsyncConnection[Any], watch: Watch, lane: str) -> None:
+        cur = await conn.execute(
+            "SELECT model, llm_model FROM autoembed.watches WHERE id = %s FOR SHARE", (watch.id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise ModelChanged(f"watch {watch.label} was removed")
+        current = row[0] if lane == "embed" else row[1]
+        expected = watch.model if lane == "embed" else watch.llm_model
+        if current != expected:
+            raise ModelChanged(
+                f"{watch.label} now uses {current!r}, not {expected!r}: "
+                f"refusing to write {lane} output of another model"
+            )
+
+    async def finish(
+        self,
+        watch: Watch,
+        lane: str,
+        jobs: Sequence[Job],
+        texts: Mapping[str, str | None],
+        results: Mapping[str, np.ndarray | str],
+    ) -> Outcome:
+        """Store results and drop the finished jobs, in one short transaction.
+
+        ``texts`` is what was read (pk -> text; absent: the row is gone); ``results`` holds
+        a vector (embed) or a summary (summary) per pk whose text was non-empty. A result
+        is written only where the row's text is still the text it was made from; a job is
+        deleted only if it was not queued again meanwhile (its generation is unchanged).
+        """
+        out = Outcome()
+        target = watch.embedding_column if lane == "embed" else watch.summary_column
+        assert target is not None
+        pk = sql.Identifier(watch.pk_column)
+        content = sql.Identifier(watch.content_column)
+        column = sql.Identifier(target)
+        value_type = (
+            sql.SQL("{}.vector").format(sql.Identifier(watch.vector_schema))
+            if lane == "embed"
+            else sql.SQL("text")
+        )
+        write_pks = [p for p in results]
+        empty = [p for p, t in texts.items() if not t]
+        out.missing = [j.pk for j in jobs if j.pk not in texts]
+        async with self.pool.connection() as conn, conn.transaction():
+            await self._check_model(conn, watch, lane)
+            if write_pks:
+                cur = await conn.execute(
+                    sql.SQL(
+                        "UPDATE {table} AS t SET {column} = v.value "
+                        "FROM unnest(%s::{pks}, %s::text[], %s::{vt}[]) AS v(pk, content, value) "
+                        "WHERE t.{pk} = v.pk AND t.{content}::text = v.content "
+                        "RETURNING t.{pk}::text"
+                    ).format(
+                        table=watch.table, column=column, pks=watch.pk_array, vt=value_type,
+                        pk=pk, content=content,
+                    ),
+                    (write_pks, [texts[p] for p in write_pks], [results[p] for p in write_pks]),
+                )
+                out.written = [r[0] for r in await cur.fetchall()]
+            if empty:
+                cur = await conn.execute(
+                    sql.SQL(
+                        "UPDATE {table} AS t SET {column} = NULL "
+                        "WHERE t.{pk} = ANY(%s::{pks}) "
+                        "AND (t.{content} IS NULL OR t.{content}::text = '') "
+                        "AND t.{column} IS NOT NULL"
+                    ).format(table=watch.table, column=column, pk=pk, pks=watch.pk_array,
+                             content=content),
+                    (empty,),
+                )
+                # rows already without a vector need no write; all of them are done
+                out.cleared = list(empty)
+            done = set(out.written) | set(out.cleared) | set(out.missing)
+            out.stale = [j.pk for j in jobs if j.pk not in done]
+            finished = [j for j in jobs if j.pk in done]
+            if finished:
+                await conn.execute(
+                    q("complete"),
+                    {"ids": [j.id for j in finished],
+                     "generations": [j.generation for j in finished]},
+                )
+                await conn.execute(
+                    q("record_throughput"),
+                    {"watches": [watch.id], "lanes": [lane], "rows": [len(finished)]},
+                )
+            if out.stale:
+                # read again later: another change to the row is, or will be, queued
+                await conn.execute(
+                    q("release"),
+                    {"ids": [j.id for j in jobs if j.pk in out.stale], "worker": self.worker},
+                )
+        return out
+
+    async def fail(self, job: Job, error: str, delay: float, max_attempts: int) -> str:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                q("fail"),
+                {"id": job.id, "generation": job.generation, "error": error[:2000],
+                 "delay": delay, "max_attempts": max_attempts},
+            )
+            row = await cur.fetchone()
+            return row[0] if row else "requeued"
+
+    async def release(self, ids: Iterable[int]) -> None:
+        ids = list(ids)
+        if ids:
+            async with self.pool.connection() as conn:
+                await conn.execute(q("release"), {"ids": ids, "worker": self.worker})
+
+    async def heartbeat(self, ids: Iterable[int], lease: float) -> None:
+        ids = list(ids)
+        if ids:
+            async with self.pool.connection() as conn:
+                await conn.execute(
+                    q("heartbeat"), {"ids": ids, "worker": self.worker, "lease": lease}
+                )
+
+    async def reap(self) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(q("reap"))
+            return len(await cur.fetchall())
+
+    async def prune(self) -> None:
+        async with self.pool.connection() as conn:
+            await conn.execute(q("prune_throughput"))
+
+    async def outstanding(self, watch_ids: Sequence[int], lanes: Sequence[str]) -> dict[str, Any]:
+        """Counts of pending, running and failed jobs, and seconds until the next is due."""
+        async with self.pool.connection() as conn:
+            rows = await fetch_dicts(
+                conn, q("outstanding"), {"watches": list(watch_ids), "lanes": list(lanes)}
+            )
+        return rows[0]

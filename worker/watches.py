@@ -1,0 +1,157 @@
+"""Watches from Python: create, change, remove, inspect. The work is done by the SQL
+functions of ``sql/30_watch.sql``; this module adds what only the worker's side knows
+(a model directory's dimension) and turns PostgreSQL's errors into autoembed's."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .db import describe, fetch_dicts, q
+from .engine.registry import lookup
+from .errors import WatchError
+
+log = logging.getLogger(__name__)
+
+
+def model_key(model: str) -> str:
+    """The name a watch records for a model: a registry name, or a directory's full path."""
+    spec = lookup(model)
+    if spec is not None:
+        return spec.name
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return model
+
+
+async def ensure_model(conn: psycopg.AsyncConnection[Any], model: str) -> str:
+    """Make sure autoembed.models knows ``model``; a directory is loaded to learn its size."""
+    key = model_key(model)
+    cur = await conn.execute("SELECT dim FROM autoembed.models WHERE name = %s", (key,))
+    if await cur.fetchone() is not None:
+        return key
+    if lookup(key) is None and not Path(key).is_dir():
+        return key  # let autoembed.watch() refuse it with the list of known models
+    from .engine import Embedder
+
+    log.info("loading %s to learn its dimension", key)
+    emb = Embedder.load(key, device="cpu")
+    await conn.execute(
+        "SELECT autoembed.register_model(%s, %s, %s, %s)",
+        (key, emb.dim, emb.max_tokens, f"model directory {key}"),
+    )
+    return key
+
+
+async def watch(
+    conn: psycopg.AsyncConnection[Any],
+    table: str,
+    column: str,
+    *,
+    embedding_column: str = "embedding",
+    model: str = "gte-small",
+    match_function: str | None = None,
+    summary_column: str | None = None,
+    llm_model: str | None = None,
+    llm_prompt: str | None = None,
+    llm_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    try:
+        key = await ensure_model(conn, model)
+        cur = await conn.execute(
+            "SELECT autoembed.watch(source => %s::regclass, content_column => %s, "
+            "embedding_column => %s, model => %s, match_function => %s, summary_column => %s, "
+            "llm_model => %s, llm_prompt => %s, llm_options => %s::jsonb)",
+            (table, column, embedding_column, key, match_function, summary_column, llm_model,
+             llm_prompt, json.dumps(dict(llm_options or {}))),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        watch_id = row[0]
+        info = await fetch_dicts(
+            conn,
+            "SELECT w.id, w.source::text AS source, w.model, w.dim, "
+            "w.match_function::text AS match_function, "
+            "(SELECT count(*) FROM autoembed.jobs j WHERE j.watch_id = w.id) AS queued "
+            "FROM autoembed.watches w WHERE w.id = %s",
+            (watch_id,),
+        )
+        return info[0]
+    except psycopg.Error as exc:
+        raise WatchError(f"cannot watch {table}.{column}: {describe(exc)}") from exc
+
+
+async def unwatch(
+    conn: psycopg.AsyncConnection[Any], table: str, embedding_column: str, drop_column: bool
+) -> bool:
+    try:
+        cur = await conn.execute(
+            "SELECT autoembed.unwatch(%s::regclass, %s, %s)", (table, embedding_column, drop_column)
+        )
+        row = await cur.fetchone()
+        return bool(row and row[0])
+    except psycopg.Error as exc:
+        raise WatchError(f"cannot unwatch {table}: {describe(exc)}") from exc
+
+
+async def status(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    return await fetch_dicts(conn, q("status"))
+
+
+async def failed_jobs(conn: psycopg.AsyncConnection[Any], limit: int) -> list[dict[str, Any]]:
+    return await fetch_dicts(conn, q("failed_jobs"), {"limit": limit})
+
+
+async def retry(conn: psycopg.AsyncConnection[Any], table: str | None) -> int:
+    try:
+        cur = await conn.execute("SELECT autoembed.retry(%s::regclass)", (table,))
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+    except psycopg.Error as exc:
+        raise WatchError(f"cannot retry: {describe(exc)}") from exc
+
+
+async def find_watch(
+    conn: psycopg.AsyncConnection[Any], table: str, embedding_column: str | None = None
+) -> dict[str, Any]:
+    """The watch of a table (and its match function's schema and name)."""
+    try:
+        rows = await fetch_dicts(
+            conn,
+            "SELECT w.id, w.model, w.dim, w.embedding_column, w.content_column, w.pk_column, "
+            "n.nspname AS fn_schema, p.proname AS fn_name "
+            "FROM autoembed.watches w "
+            "LEFT JOIN pg_proc p ON p.oid = w.match_function::oid "
+            "LEFT JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE w.source = %s::regclass AND (%s::name IS NULL OR w.embedding_column = %s) "
+            "ORDER BY w.id",
+            (table, embedding_column, embedding_column),
+        )
+    except psycopg.Error as exc:
+        raise WatchError(f"cannot find {table}: {describe(exc)}") from exc
+    if not rows:
+        raise WatchError(f"{table} is not watched: autoembed watch {table} --column COLUMN")
+    if len(rows) > 1:
+        cols = ", ".join(r["embedding_column"] for r in rows)
+        raise WatchError(f"{table} has several watches ({cols}): pass --embedding-column")
+    return rows[0]
+
+
+async def search(
+    conn: psycopg.AsyncConnection[Any],
+    watch_row: Mapping[str, Any],
+    vector: Any,
+    threshold: float,
+    limit: int,
+) -> list[dict[str, Any]]:
+    query = sql.SQL("SELECT * FROM {}(%s, %s, %s)").format(
+        sql.Identifier(watch_row["fn_schema"], watch_row["fn_name"])
+    )
+    return await fetch_dicts(conn, query, (vector, threshold, limit))
