@@ -49,3 +49,18 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- Called by the worker in the transaction that writes a batch: locks the watch row (so a
+-- concurrent set_model waits) and returns the model the lane uses now. SECURITY DEFINER so
+-- a least-privilege worker role needs no UPDATE right on autoembed.watches.
+CREATE OR REPLACE FUNCTION autoembed.hold_watch(watch_id integer, lane text)
+RETURNS text
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE lane WHEN 'embed' THEN w.model ELSE w.llm_model END
+      FROM autoembed.watches w
+     WHERE w.id = watch_id
+       FOR SHARE
+$$;

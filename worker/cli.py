@@ -54,6 +54,21 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N", help="inference threads (default: all cores)")
 
 
+def _llm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--llm-model", required=True, metavar="NAME", help="e.g. mistral")
+    p.add_argument("--llm-mode", choices=["ollama", "openai"],
+                   help="ollama: Ollama's API (default); openai: /v1/chat/completions "
+                   "(llamafile, llama.cpp server, vLLM)")
+    p.add_argument("--llm-host", metavar="URL",
+                   help="default: $OLLAMA_HOST, $AI_INFERENCE_API_HOST, http://127.0.0.1:11434")
+    p.add_argument("--max-tokens", type=int, help="default 100")
+    p.add_argument("--temperature", type=float, help="default 0.8")
+    p.add_argument("--top-k", type=int, help="default 40")
+    p.add_argument("--top-p", type=float, help="default 0.9")
+    p.add_argument("--repeat-penalty", type=float, help="default 1.1")
+    p.add_argument("--timeout", type=float, help="seconds for the whole answer (default 60)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="autoembed",
@@ -141,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "needs AUTOEMBED_API_KEY)")
     _engine_options(p)
 
+    p = add("generate", "generate text with the LLM server (Ollama or OpenAI-compatible)",
+            "cmd_generate")
+    p.add_argument("prompt", help="the prompt; - reads it from standard input")
+    _llm_options(p)
+    p.add_argument("--stream", action="store_true", help="print the text as it arrives")
+
     p = add("demo", "the whole thing on a throwaway embedded PostgreSQL, no set-up", "cmd_demo")
     p.add_argument("--rows", type=int, default=1000,
                    help="PostgreSQL documentation passages to load (default 1000; 0: all 5,933)")
@@ -212,7 +233,7 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _llm_options(pairs: Sequence[str]) -> dict[str, Any]:
+def _watch_llm_options(pairs: Sequence[str]) -> dict[str, Any]:
     from .llm import GenerateOptions
 
     raw: dict[str, Any] = {}
@@ -232,7 +253,7 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.summary_column and not args.llm_model:
         raise ConfigError("--summary-column needs --llm-model (e.g. --llm-model mistral)")
-    options = _llm_options(args.llm_option)
+    options = _watch_llm_options(args.llm_option)
     async with await _connect(settings) as conn:
         info = await watches.watch(
             conn, args.table, args.column,
@@ -390,6 +411,27 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         http=args.listen,
     )
     return await serve(settings)
+
+
+async def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
+    from .llm import GenerateOptions, LLMClient
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    given = {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
+        "top_p": args.top_p, "repeat_penalty": args.repeat_penalty, "timeout": args.timeout,
+    }
+    options = GenerateOptions.from_mapping({k: v for k, v in given.items() if v is not None})
+    mode = args.llm_mode or settings.llm_mode
+    async with LLMClient(args.llm_host or settings.llm_host, mode) as client:
+        if args.stream:
+            async for piece in client.stream(args.llm_model, prompt, options):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            print(await client.generate(args.llm_model, prompt, options))
+    return 0
 
 
 async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

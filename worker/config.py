@@ -33,6 +33,7 @@ class Settings:
     summary_lease_seconds: float = 300.0
     llm_host: str | None = None  # default: OLLAMA_HOST, AI_INFERENCE_API_HOST, localhost
     llm_mode: str = "ollama"  # ollama | openai
+    llm_retries: int = 3  # quick retries inside one attempt (connection errors, 5xx)
     http: str | None = None  # HOST:PORT for the HTTP surface inside `run`
     api_key: str | None = None  # AUTOEMBED_API_KEY: Bearer token for the HTTP surface
     max_body_bytes: int = 1 << 20

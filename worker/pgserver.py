@@ -68,6 +68,7 @@ class EmbeddedPostgres:
         self.bin = _bin_dir()
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="autoembed-pg-"))
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = port or _free_port()
         self.user: str | None = None
         if os.geteuid() == 0:

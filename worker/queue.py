@@ -7,7 +7,7 @@ composed here with ``psycopg.sql`` so every identifier is quoted by the driver.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,32 @@ class Job:
     pk: str
     generation: int
     attempts: int
+    token: str  # who holds the lease: this worker and this claim, nobody else
+
+
+@dataclass
+class Claims:
+    """The leases a worker holds right now, by claim token."""
+
+    held: dict[str, set[int]] = field(default_factory=dict)
+
+    def add(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            self.held.setdefault(job.token, set()).add(job.id)
+
+    def remove(self, jobs: Sequence[Job]) -> None:
+        for job in jobs:
+            ids = self.held.get(job.token)
+            if ids is not None:
+                ids.discard(job.id)
+                if not ids:
+                    del self.held[job.token]
+
+    def __bool__(self) -> bool:
+        return bool(self.held)
+
+    def __len__(self) -> int:
+        return sum(len(ids) for ids in self.held.values())
 
 
 @dataclass
@@ -84,6 +110,7 @@ class Queue:
     def __init__(self, pool: AsyncConnectionPool[Any], worker: str) -> None:
         self.pool = pool
         self.worker = worker
+        self._claims = 0
 
     async def watches(self) -> dict[int, Watch]:
         async with self.pool.connection() as conn:
@@ -95,6 +122,8 @@ class Queue:
     ) -> list[Job]:
         if not watch_ids:
             return []
+        self._claims += 1
+        token = f"{self.worker}#{self._claims}"
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 q("claim"),
@@ -103,10 +132,10 @@ class Queue:
                     "watches": list(watch_ids),
                     "limit": limit,
                     "lease": lease,
-                    "worker": self.worker,
+                    "worker": token,
                 },
             )
-            return [Job(*row) for row in await cur.fetchall()]
+            return [Job(*row, token=token) for row in await cur.fetchall()]
 
     async def read_texts(self, watch: Watch, pks: Sequence[str]) -> dict[str, str | None]:
         query = sql.SQL(
@@ -131,14 +160,12 @@ class Queue:
             return {pk: row for pk, row in await cur.fetchall()}
 
     async def _check_model(self, conn: AsyncConnection[Any], watch: Watch, lane: str) -> None:
-        cur = await conn.execute(
-            "SELECT model, llm_model FROM autoembed.watches WHERE id = %s FOR SHARE", (watch.id,)
-        )
+        cur = await conn.execute("SELECT autoembed.hold_watch(%s, %s)", (watch.id, lane))
         row = await cur.fetchone()
-        if row is None:
-            raise ModelChanged(f"watch {watch.label} was removed")
-        current = row[0] if lane == "embed" else row[1]
+        current = row[0] if row else None
         expected = watch.model if lane == "embed" else watch.llm_model
+        if current is None:
+            raise ModelChanged(f"watch {watch.label} was removed or has no {lane} model now")
         if current != expected:
             raise ModelChanged(
                 f"{watch.label} now uses {current!r}, not {expected!r}: "
@@ -177,10 +204,14 @@ class Queue:
         async with self.pool.connection() as conn, conn.transaction():
             await self._check_model(conn, watch, lane)
             if write_pks:
+                # vectors travel in pgvector's binary format (%b): text formatting of
+                # floats would cost more than the whole rest of the queue's work
+                values = "%b" if lane == "embed" else "%s"
                 cur = await conn.execute(
                     sql.SQL(
                         "UPDATE {table} AS t SET {column} = v.value "
-                        "FROM unnest(%s::{pks}, %s::text[], %s::{vt}[]) AS v(pk, content, value) "
+                        "FROM unnest(%s::{pks}, %s::text[], " + values + "::{vt}[]) "
+                        "AS v(pk, content, value) "
                         "WHERE t.{pk} = v.pk AND t.{content}::text = v.content "
                         "RETURNING t.{pk}::text"
                     ).format(
@@ -218,11 +249,16 @@ class Queue:
                 )
             if out.stale:
                 # read again later: another change to the row is, or will be, queued
-                await conn.execute(
-                    q("release"),
-                    {"ids": [j.id for j in jobs if j.pk in out.stale], "worker": self.worker},
-                )
+                await self._release(conn, [j for j in jobs if j.pk in out.stale])
         return out
+
+    @staticmethod
+    async def _release(conn: AsyncConnection[Any], jobs: Sequence[Job]) -> None:
+        by_token: dict[str, list[int]] = {}
+        for job in jobs:
+            by_token.setdefault(job.token, []).append(job.id)
+        for token, ids in by_token.items():
+            await conn.execute(q("release"), {"ids": ids, "worker": token})
 
     async def fail(self, job: Job, error: str, delay: float, max_attempts: int) -> str:
         async with self.pool.connection() as conn:
@@ -234,19 +270,25 @@ class Queue:
             row = await cur.fetchone()
             return row[0] if row else "requeued"
 
-    async def release(self, ids: Iterable[int]) -> None:
-        ids = list(ids)
-        if ids:
+    async def release(self, jobs: Sequence[Job]) -> None:
+        """Give leases back: the jobs are pending again, for any worker."""
+        if jobs:
             async with self.pool.connection() as conn:
-                await conn.execute(q("release"), {"ids": ids, "worker": self.worker})
+                await self._release(conn, jobs)
 
-    async def heartbeat(self, ids: Iterable[int], lease: float) -> None:
-        ids = list(ids)
-        if ids:
+    async def release_claims(self, claims: Claims) -> None:
+        async with self.pool.connection() as conn:
+            for token, ids in claims.held.items():
+                await conn.execute(q("release"), {"ids": list(ids), "worker": token})
+
+    async def heartbeat(self, claims: Claims, lease: float) -> None:
+        """Extend the leases of the jobs still being worked on."""
+        if claims:
             async with self.pool.connection() as conn:
-                await conn.execute(
-                    q("heartbeat"), {"ids": ids, "worker": self.worker, "lease": lease}
-                )
+                for token, ids in list(claims.held.items()):
+                    await conn.execute(
+                        q("heartbeat"), {"ids": list(ids), "worker": token, "lease": lease}
+                    )
 
     async def reap(self) -> int:
         async with self.pool.connection() as conn:

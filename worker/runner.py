@@ -33,7 +33,7 @@ from .engine import Embedder
 from .errors import AutoembedError, LLMError, LLMModelMissing
 from .listen import Listener
 from .metrics import Metrics
-from .queue import Job, ModelChanged, Queue, Watch
+from .queue import Claims, Job, ModelChanged, Queue, Watch
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ class Worker:
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
         self.engine_lock = asyncio.Lock()
-        self.in_flight: dict[str, set[int]] = defaultdict(set)
-        self.orphans: set[int] = set()
+        self.in_flight: dict[str, Claims] = {"embed": Claims(), "summary": Claims()}
+        self.orphans = Claims()
         self.db_ok = True
         self.done_rows = 0
         self.failed_jobs = 0
@@ -114,7 +114,9 @@ class Worker:
             from .llm import LLMClient
 
             mode = self.settings.llm_mode
-            self._llm = LLMClient(self.settings.llm_host, mode)  # type: ignore[arg-type]
+            self._llm = LLMClient(
+                self.settings.llm_host, mode, retries=self.settings.llm_retries  # type: ignore[arg-type]
+            )
         return self._llm
 
     async def refresh_watches(self) -> None:
@@ -181,10 +183,13 @@ class Worker:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
-            leftover = set().union(*self.in_flight.values()) | self.orphans
+            leftover = Claims()
+            for claims in (*self.in_flight.values(), self.orphans):
+                for token, ids in claims.held.items():
+                    leftover.held.setdefault(token, set()).update(ids)
             if leftover:
                 with suppress(*DB_ERRORS):
-                    await self.queue.release(leftover)
+                    await self.queue.release_claims(leftover)
                     log.info("released %d unfinished job(s) for other workers", len(leftover))
             for task in tasks:
                 task.cancel()
@@ -261,8 +266,7 @@ class Worker:
                 await self._idle()
                 continue
             self.metrics.claimed.labels(lane).inc(len(jobs))
-            ids = {j.id for j in jobs}
-            self.in_flight[lane] |= ids
+            self.in_flight[lane].add(jobs)
             started = time.perf_counter()
             try:
                 if lane == "embed":
@@ -271,15 +275,23 @@ class Worker:
                     await self._summary_jobs(jobs)
                 self.metrics.batch_seconds.labels(lane).observe(time.perf_counter() - started)
             except DB_ERRORS as exc:
-                self.orphans |= ids  # released once the database answers again
+                self.orphans.add(jobs)  # released once the database answers again
                 await self._db_down(exc)
             except ModelChanged as exc:
                 log.warning("%s; reloading watches", exc)
-                self.orphans |= ids
+                self.orphans.add(jobs)
                 with suppress(*DB_ERRORS):
                     await self.refresh_watches()
+            except Exception as exc:  # a refusal (a missing grant, say) or a bug
+                log.error("%s batch failed: %s", lane, describe(exc), exc_info=True)
+                try:  # count it against the jobs: they end as failed, with the reason
+                    for job in jobs:
+                        await self._fail(job, lane, f"{type(exc).__name__}: {describe(exc)}")
+                except Exception:
+                    self.orphans.add(jobs)
+                await asyncio.sleep(min(self.settings.poll_seconds, 5.0))
             finally:
-                self.in_flight[lane] -= ids
+                self.in_flight[lane].remove(jobs)
 
     async def _idle(self) -> None:
         timeout = self.settings.poll_seconds
@@ -350,7 +362,7 @@ class Worker:
             watch = self.watches.get(wid)
             emb = await self.embedder(watch.model) if watch else None
             if watch is None or emb is None:
-                await self.queue.release(j.id for j in group)
+                await self.queue.release(group)
                 continue
             texts = await self.queue.read_texts(watch, [j.pk for j in group])
             todo = {pk: t for pk, t in texts.items() if t}
@@ -391,7 +403,7 @@ class Worker:
         for job in jobs:
             watch = self.watches.get(job.watch_id)
             if watch is None or not watch.llm_model:
-                await self.queue.release([job.id])
+                await self.queue.release([job])
                 continue
             rows = await self.queue.read_rows(watch, [job.pk])
             row = rows.get(job.pk)
@@ -433,9 +445,9 @@ class Worker:
                     await self.queue.heartbeat(self.in_flight["summary"], s.summary_lease_seconds)
                     last_beat = now
                 if self.orphans:
-                    await self.queue.release(self.orphans)
+                    await self.queue.release_claims(self.orphans)
                     log.info("released %d job(s) left unfinished by a lost connection", len(self.orphans))
-                    self.orphans.clear()
+                    self.orphans = Claims()
                 reaped = await self.queue.reap()
                 if reaped:
                     log.warning("%d job(s) outlived their lease (a worker died?); queued again", reaped)

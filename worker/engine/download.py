@@ -79,7 +79,7 @@ def download_file(
     try:
         for attempt in Retrying(
             stop=stop_after_attempt(attempts),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
             retry=retry_if_exception(_is_retryable),
             reraise=False,
         ):

@@ -28,6 +28,20 @@ Precision = Literal["fp32", "int8", "fp16"]
 BUILDER_VERSION = 1
 
 
+class _Quiet(logging.Filter):
+    """Drops the advice onnxruntime's tools log at WARNING on every run (not actionable)."""
+
+    NOISE = ("Please consider to run pre-processing", "Model producer not matched")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+_QUIET = _Quiet()
+for _name in ("", "onnxruntime.transformers.optimizer", "onnxruntime.transformers.onnx_model"):
+    logging.getLogger(_name).addFilter(_QUIET)
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

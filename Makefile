@@ -1,0 +1,44 @@
+# autoembed: each target sets up .venv itself (Python 3.11+).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: install demo test lint bench bench-engine bench-worker bench-http clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/autoembed demo
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check worker tests benchmarks
+	$(BIN)/mypy
+
+# Benchmarks are not tests: they print figures (see README). sentence-transformers is
+# compared in the same run when it can be imported (make bench-deps installs it, CPU torch).
+bench-deps: install
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0' sentence-transformers
+
+bench: bench-engine bench-worker bench-http
+
+bench-engine: install
+	$(BIN)/python benchmarks/bench_engine.py
+
+bench-worker: install
+	$(BIN)/python benchmarks/bench_worker.py
+
+bench-http: install
+	$(BIN)/python benchmarks/bench_http.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

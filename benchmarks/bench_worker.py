@@ -1,0 +1,205 @@
+"""The worker end to end, on an embedded PostgreSQL (or $DATABASE_URL's server).
+
+    python benchmarks/bench_worker.py [--rows 1000] [--latency 50] [--noop 20000] [--rss]
+
+1. drain: rows/s draining N pgdocs passages through triggers, queue and writes, against the
+   engine alone on the same texts in the same run (target: at least 0.95 of the engine);
+2. latency: single-row INSERTs into an idle running worker, time until the vector is
+   committed, minus the engine's own time for that text (targets: p50 <= 30 ms, p95 <= 100 ms);
+3. queue overhead: claim + read + write + delete with a no-op embedder, rows/s, with and
+   without the HNSW index (PgQueuer publishes 8,000-14,000 jobs/s);
+4. memory (--rss): peak RSS of a worker process draining 2,000 and 20,000 rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import ROOT, cores, passages  # noqa: E402
+from worker.config import Settings  # noqa: E402
+from worker.db import connect  # noqa: E402
+from worker.engine import Embedder  # noqa: E402
+from worker.migrate import migrate  # noqa: E402
+from worker.runner import Worker  # noqa: E402
+from worker.watches import watch  # noqa: E402
+
+MODEL = "all-minilm-l6-v2"
+
+
+class NoOp:
+    """Returns a fixed unit vector at once: what is left is the queue's own cost."""
+
+    def __init__(self, dim: int = 384) -> None:
+        self.dim, self.name, self.max_tokens = dim, "noop", 512
+        from worker.engine import EmbedStats
+
+        self.stats = EmbedStats()
+        v = np.random.default_rng(0).random(dim, dtype=np.float32)
+        self.vector = v / np.linalg.norm(v)
+
+    def embed(self, texts: list[str], **_: Any) -> np.ndarray:
+        return np.tile(self.vector, (len(texts), 1))
+
+
+async def fresh_db(admin_url: str, name: str) -> str:
+    async with await connect(admin_url, vector=False) as conn:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await conn.execute(f"CREATE DATABASE {name}")
+    url = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    await migrate(url)
+    return url
+
+
+async def load(url: str, texts: list[str], index: bool = True) -> None:
+    async with await connect(url) as conn:
+        await conn.execute("CREATE TABLE documents (id bigint GENERATED ALWAYS AS IDENTITY "
+                           "PRIMARY KEY, content text)")
+        await watch(conn, "documents", "content", model=MODEL)  # queues nothing yet
+        if not index:
+            await conn.execute("DROP INDEX documents_embedding_hnsw")
+        async with conn.cursor() as cur, cur.copy("COPY documents (content) FROM STDIN") as copy:
+            for t in texts:
+                await copy.write_row((t,))
+
+
+def settings(url: str, **kw: Any) -> Settings:
+    return Settings(**{"database_url": url, "poll_seconds": 0.5, **kw})
+
+
+async def drain(url: str, emb: Any, **kw: Any) -> float:
+    worker = Worker(settings(url, **kw), drain=True, progress=False,
+                    embedder_factory=lambda _n: emb)
+    start = time.perf_counter()
+    await worker.run()
+    return time.perf_counter() - start
+
+
+async def bench_drain(admin: str, emb: Embedder, n: int) -> None:
+    texts = passages(n)
+    url = await fresh_db(admin, "bench_drain")
+    await load(url, texts)
+    emb.embed(texts[:32])
+    start = time.perf_counter()
+    emb.embed(texts)
+    engine = time.perf_counter() - start
+    e2e = await drain(url, emb)
+    print(f"drain {n} passages: worker {n / e2e:.1f} rows/s, engine alone {n / engine:.1f} "
+          f"texts/s -> ratio {engine / e2e:.3f}")
+
+
+async def bench_latency(admin: str, emb: Embedder, n: int) -> None:
+    url = await fresh_db(admin, "bench_latency")
+    await load(url, [])
+    texts = passages(n)
+    worker = Worker(settings(url, poll_seconds=30), progress=False,
+                    embedder_factory=lambda _n: emb)
+    task = asyncio.create_task(worker.run())
+    lat, engine_ms = [], []
+    async with await connect(url) as conn:
+        while not worker.listener.alive:
+            await asyncio.sleep(0.01)
+        for text in texts:
+            await asyncio.sleep(0.2)  # idle between rows, as a live table would be
+            t0 = time.perf_counter()
+            row = await (await conn.execute(
+                "INSERT INTO documents (content) VALUES (%s) RETURNING id", (text,))).fetchone()
+            while not (await (await conn.execute(
+                    "SELECT embedding IS NOT NULL FROM documents WHERE id = %s", row)).fetchone())[0]:
+                await asyncio.sleep(0.0005)
+            lat.append((time.perf_counter() - t0) * 1000)
+            s = time.perf_counter()
+            emb.embed([text])
+            engine_ms.append((time.perf_counter() - s) * 1000)
+    worker.request_stop("benchmark done")
+    await task
+    over = sorted(a - b for a, b in zip(lat, engine_ms, strict=True))
+    q = statistics.quantiles(over, n=20)
+    print(f"latency INSERT -> vector committed, {n} rows: total p50 {statistics.median(lat):.1f} ms; "
+          f"engine p50 {statistics.median(engine_ms):.1f} ms; "
+          f"overhead p50 {statistics.median(over):.1f} ms, p95 {q[18]:.1f} ms")
+
+
+async def bench_noop(admin: str, n: int) -> None:
+    texts = [f"row {i}" for i in range(n)]
+    for index in (False, True):
+        url = await fresh_db(admin, "bench_noop")
+        await load(url, texts, index=index)
+        secs = await drain(url, NoOp(), batch_size=1000, concurrency=4)
+        label = "with the HNSW index" if index else "without the HNSW index"
+        print(f"queue, no-op embedder, {n} rows {label}: {n / secs:.0f} rows/s claimed, "
+              "written and completed")
+
+
+def bench_rss(admin: str, sizes: list[int]) -> None:
+    import psutil
+
+    base = passages(6000)
+    for n in sizes:
+        texts = [" ".join(base[i % len(base)].split()[:40]) for i in range(n)]
+        url = asyncio.run(fresh_db(admin, "bench_rss"))
+        asyncio.run(load(url, texts))
+        env = dict(os.environ, DATABASE_URL=url, AUTOEMBED_MODEL=MODEL)
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "run", "--drain",
+                                 "--no-progress", "--log-level", "warning"], env=env, cwd=ROOT)
+        ps = psutil.Process(proc.pid)
+        peak = 0
+        start = time.perf_counter()
+        while proc.poll() is None:
+            try:
+                peak = max(peak, ps.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        secs = time.perf_counter() - start
+        print(f"peak RSS draining {n} rows: {peak / 2**20:.0f} MiB ({n / secs:.0f} rows/s, "
+              f"exit {proc.returncode})")
+
+
+async def main_async(args: argparse.Namespace, admin: str) -> None:
+    emb = Embedder.load(MODEL, device="cpu")
+    print(f"{cores()} cores; model {MODEL}")
+    if args.rows:
+        await bench_drain(admin, emb, args.rows)
+    if args.latency:
+        await bench_latency(admin, emb, args.latency)
+    if args.noop:
+        await bench_noop(admin, args.noop)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--latency", type=int, default=50)
+    parser.add_argument("--noop", type=int, default=20000)
+    parser.add_argument("--rss", action="store_true", help="also the memory benchmark")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    admin = os.environ.get("DATABASE_URL")
+    if admin:
+        asyncio.run(main_async(args, admin))
+        if args.rss:
+            bench_rss(admin, [2000, 20000])
+        return
+    from worker.pgserver import EmbeddedPostgres
+
+    with EmbeddedPostgres() as pg:
+        asyncio.run(main_async(args, pg.url))
+        if args.rss:
+            bench_rss(pg.url, [2000, 20000])
+
+
+if __name__ == "__main__":
+    main()

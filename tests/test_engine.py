@@ -1,0 +1,210 @@
+"""The embedding engine, on a real model: vectors against sentence-transformers' own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from safetensors.numpy import save_file
+
+from worker.engine import Embedder
+from worker.engine.bert_onnx import BertConfig, build_bert, load_safetensors, random_weights
+from worker.engine.resolve import inspect, resolve
+from worker.errors import EmbeddingError, ModelError
+
+from .conftest import AUTOEMBED, DATA, ROOT
+
+REFERENCE = [json.loads(line) for line in (DATA / "all-minilm-l6-v2.jsonl").read_text().splitlines()]
+GTE = DATA / "gte-small"
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_minilm_matches_sentence_transformers(minilm: Embedder) -> None:
+    texts = [r["text"] for r in REFERENCE]
+    expected = np.array([r["embedding"] for r in REFERENCE], dtype=np.float32)
+    got = minilm.embed(texts)
+    assert got.shape == (64, 384) and got.dtype == np.float32
+    cos = cosine(got, expected)
+    worst = int(cos.argmin())
+    assert cos.min() >= 0.9999, f"text {worst} ({texts[worst][:60]!r}) has cosine {cos[worst]}"
+    # the texts past the model's 256 word pieces are among them, and were truncated
+    long_ones = [i for i, t in enumerate(texts) if len(minilm.encode([t]).ids[0]) >= 256]
+    assert len(long_ones) >= 2
+    assert cos[long_ones].min() >= 0.9999
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_order_batching_and_truncation_count(minilm: Embedder) -> None:
+    texts = [r["text"] for r in REFERENCE]
+    rng = np.random.default_rng(3)
+    order = rng.permutation(len(texts))
+    together = minilm.embed([texts[i] for i in order])
+    alone = np.stack([minilm.embed([texts[i]])[0] for i in order[:8]])
+    assert np.allclose(together[:8], alone, atol=1e-5)
+    assert np.allclose(together, minilm.embed(texts)[order], atol=1e-5)
+    detailed = minilm.embed_detailed(texts)
+    over = sum(1 for t in texts if len(minilm.tokenizer._tok.encode(t).overflowing) > 0)
+    assert detailed.truncated == over > 0
+    assert detailed.tokens == int(minilm.encode(texts).lengths.sum())
+
+
+def test_empty_inputs_and_options(minilm: Embedder) -> None:
+    assert minilm.embed([]).shape == (0, 384)
+    empty = minilm.embed([""])[0]  # [CLS] [SEP]: a valid, content-free unit vector
+    assert np.isfinite(empty).all() and abs(np.linalg.norm(empty) - 1) < 1e-5
+    raw = minilm.embed(["hello world"], normalize=False)[0]
+    assert abs(np.linalg.norm(raw) - 1) > 1e-3
+    assert np.allclose(raw / np.linalg.norm(raw), minilm.embed(["hello world"])[0], atol=1e-6)
+    cls = minilm.embed(["hello world"], mean_pool=False)[0]
+    assert cosine(cls, minilm.embed(["hello world"])[0]) < 0.999
+    with pytest.raises(EmbeddingError, match="text 1 is int"):
+        minilm.embed(["ok", 3])  # type: ignore[list-item]
+
+
+def test_fused_graph_equals_plain_graph(minilm: Embedder) -> None:
+    """The fused kernels (Attention, SkipLayerNorm, BiasGelu) change nothing measurable."""
+    files = minilm.files
+    assert files.safetensors is not None and files.config is not None
+    cfg = BertConfig.from_file(files.config)
+    plain = build_bert(cfg, load_safetensors(files.safetensors), fused=False)
+    sess = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
+    enc = minilm.encode([r["text"] for r in REFERENCE[:16]])
+    from worker.engine.pooling import normalize, pool
+    from worker.engine.tokenize import pad
+
+    ids, mask = pad(enc.ids, np.arange(16), enc.lengths)
+    expected = normalize(pool(sess.run(None, {"input_ids": ids, "attention_mask": mask})[0], mask, "mean"))
+    assert cosine(minilm.embed_encoded(enc), expected).min() > 0.99999
+
+
+def make_gte_dir(root: Path, fused: bool = False) -> Path:
+    """gte-small's real tokenizer and config, in Supabase's ONNX layout, with weights made by
+    the graph builder (any weights cost what the real ones cost)."""
+    cfg = BertConfig.from_file(GTE / "config.json")
+    (root / "onnx").mkdir(parents=True)
+    for name in ("tokenizer.json", "config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (root / name).write_bytes((GTE / name).read_bytes())
+    onnx.save(build_bert(cfg, random_weights(cfg, seed=1), fused=fused), str(root / "onnx" / "model.onnx"))
+    return root
+
+
+def test_gte_small_layout(tmp_path: Path, cache_dir: Path) -> None:
+    model_dir = make_gte_dir(tmp_path / "gte-small")
+    files = inspect(model_dir, spec=None)
+    assert files.onnx == model_dir / "onnx" / "model.onnx" and files.safetensors is None
+    emb = Embedder(files, device="cpu")
+    assert emb.dim == 384 and emb.pooling == "mean" and emb.max_tokens == 512
+    texts = ["Luke, I am your father", "word " * 700]  # the second is cut at 512 tokens
+    detailed = emb.embed_detailed(texts)
+    assert detailed.vectors.shape == (2, 384) and detailed.truncated == 1
+    # mean pooling over the mask, then L2 normalisation, checked against the raw graph
+    sess = ort.InferenceSession(str(files.onnx), providers=["CPUExecutionProvider"])
+    enc = emb.encode(texts[:1])
+    ids = np.array(enc.ids, dtype=np.int64)
+    hidden = sess.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
+    mean = hidden[0].mean(axis=0)
+    assert cosine(detailed.vectors[0], mean) > 0.99999
+    assert abs(np.linalg.norm(detailed.vectors[0]) - 1) < 1e-5
+
+
+def test_graph_rebuilt_when_weights_change(tmp_path: Path, minilm: Embedder) -> None:
+    src = minilm.files.root
+    model_dir = tmp_path / "mini"
+    model_dir.mkdir()
+    for name in ("tokenizer.json", "config.json", "model.safetensors"):
+        (model_dir / name).write_bytes((src / name).read_bytes())
+    first = Embedder.load(str(model_dir), device="cpu").embed(["a changed model"])[0]
+    assert cosine(first, minilm.embed(["a changed model"])[0]) > 0.99999
+    cfg = BertConfig.from_file(model_dir / "config.json")
+    save_file(random_weights(cfg, seed=5), str(model_dir / "model.safetensors"))
+    second = Embedder.load(str(model_dir), device="cpu").embed(["a changed model"])[0]
+    assert cosine(first, second) < 0.99
+
+
+def test_int8_per_channel_quality(minilm: Embedder, cache_dir: Path) -> None:
+    int8 = Embedder(minilm.files, device="cpu", precision="int8")
+    texts = [r["text"] for r in REFERENCE]
+    cos = cosine(int8.embed(texts), minilm.embed(texts))
+    # measured here: min 0.987, mean 0.995 (README); per-tensor int8 falls to 0.73
+    assert cos.min() > 0.97 and cos.mean() > 0.99
+
+
+def test_bad_models_are_refused_clearly(tmp_path: Path, cache_dir: Path) -> None:
+    with pytest.raises(ModelError, match="unknown model 'no-such-model'.*gte-small"):
+        resolve("no-such-model")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "tokenizer.json").write_text("{}")
+    with pytest.raises(ModelError, match=r"lacks onnx/model.onnx or model.safetensors"):
+        resolve(str(tmp_path / "half"))
+    with pytest.raises(ModelError, match="fp16 needs --device cuda"):
+        Embedder.load("all-minilm-l6-v2", device="cpu", precision="fp16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" not in ort.get_available_providers(),
+    reason="needs onnxruntime-gpu and a CUDA device (none here)",
+)
+def test_cuda_matches_cpu(minilm: Embedder) -> None:
+    texts = [r["text"] for r in REFERENCE]
+    cuda = Embedder(minilm.files, device="cuda")
+    assert cuda.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert cosine(cuda.embed(texts), minilm.embed(texts)).min() > 0.9999
+    half = Embedder(minilm.files, device="cuda", precision="fp16")
+    assert cosine(half.embed(texts), minilm.embed(texts)).min() > 0.999
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AUTOEMBED, *args], input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120,
+        check=False,
+    )
+
+
+def vectors_of(stdout: str) -> list[list[float]]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_cli_embed(minilm: Embedder) -> None:
+    common = ("--model", "all-minilm-l6-v2", "--device", "cpu")
+    done = run_cli("embed", "Luke, I am your father", "second text", *common)
+    assert done.returncode == 0, done.stderr
+    got = vectors_of(done.stdout)
+    assert len(got) == 2 and len(got[0]) == 384
+    assert np.allclose(got, minilm.embed(["Luke, I am your father", "second text"]), atol=1e-6)
+
+    piped = run_cli("embed", *common, stdin="Luke, I am your father\nsecond text\n")
+    assert vectors_of(piped.stdout) == got
+    jsonl = run_cli("embed", "--jsonl", *common, stdin=json.dumps("two\nlines") + "\n")
+    assert np.allclose(vectors_of(jsonl.stdout), minilm.embed(["two\nlines"]), atol=1e-6)
+
+    bad = run_cli("embed", "--jsonl", *common, stdin='"fine"\n{"not": "a string"}\n')
+    assert bad.returncode == 2 and "line 2: expected a JSON string" in bad.stderr
+
+
+def test_cli_models_and_help(cache_dir: Path) -> None:
+    done = run_cli("models")
+    assert done.returncode == 0
+    assert "gte-small (default)" in done.stdout and "bge-small-en-v1.5" in done.stdout
+    assert "all-minilm-l6-v2" in done.stdout
+    helped = run_cli("--help")
+    assert "autoembed watch documents --column content" in helped.stdout
+    unknown = run_cli("embed", "x", "--model", "nope", "--device", "cpu")
+    assert unknown.returncode == 3 and "unknown model 'nope'" in unknown.stderr
+
+
+def test_pipeline_flops_estimate() -> None:
+    cfg = BertConfig.from_file(GTE / "config.json")
+    # 12 layers x (4h^2 + 2hi) multiply-adds: 42.5 MFLOP a token before attention
+    assert abs(cfg.flops_per_token(0) - 42.47e6) < 0.01e6

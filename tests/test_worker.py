@@ -1,0 +1,212 @@
+"""The worker in-process against a real PostgreSQL and a real model."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from worker.engine import Embedder
+from worker.queue import ModelChanged
+from worker.runner import Worker
+
+from .helpers import (
+    assert_matches,
+    drain,
+    fetch,
+    make_documents,
+    settings,
+    vectors,
+    wait_for,
+    watch_documents,
+)
+
+
+async def test_insert_update_null_delete(db: Any, db_url: str, minilm: Embedder) -> None:
+    await make_documents(db)
+    await watch_documents(db)
+    await db.execute(
+        "INSERT INTO documents (content) VALUES ('the quick brown fox'), ('lazy dogs sleep'), "
+        "(NULL), ('')"
+    )
+    await drain(db_url, minilm)
+    rows = await vectors(db)
+    assert_matches(minilm, "the quick brown fox", rows[1][1])
+    assert_matches(minilm, "lazy dogs sleep", rows[2][1])
+    assert rows[3][1] is None and rows[4][1] is None
+
+    # an update of the watched column: a new vector that matches the new text
+    await db.execute("UPDATE documents SET content = 'foxes are quick and brown' WHERE id = 1")
+    # an update of another column queues nothing and writes nothing
+    await db.execute("UPDATE documents SET title = 'unrelated' WHERE id = 2")
+    queued = await fetch(db, "SELECT pk FROM autoembed.jobs ORDER BY pk")
+    assert queued == [("1",)]
+    await drain(db_url, minilm)
+    rows = await vectors(db)
+    assert_matches(minilm, "foxes are quick and brown", rows[1][1])
+    writes = dict(await fetch(db, "SELECT id, count(*) FROM documents_writes GROUP BY id"))
+    assert writes == {1: 2, 2: 1}
+
+    # text set to NULL clears the vector
+    await db.execute("UPDATE documents SET content = NULL WHERE id = 2")
+    await drain(db_url, minilm)
+    assert (await vectors(db))[2] == (None, None)
+
+    # a deleted row drops its job
+    await db.execute("UPDATE documents SET content = 'soon gone' WHERE id = 1")
+    await db.execute("DELETE FROM documents WHERE id = 1")
+    assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(1,)]
+    await drain(db_url, minilm)
+    assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(0,)]
+
+
+async def test_backfill_of_existing_rows(db: Any, db_url: str, minilm: Embedder) -> None:
+    await make_documents(db)
+    await db.execute(
+        "INSERT INTO documents (content) SELECT 'passage number ' || g FROM generate_series(1, 300) g"
+    )
+    await watch_documents(db)
+    assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(300,)]
+    worker = await drain(db_url, minilm, batch_size=64)
+    assert worker.done_rows == 300
+    rows = await vectors(db)
+    assert all(v is not None for _, v in rows.values())
+    assert_matches(minilm, "passage number 150", rows[150][1])
+    status = await fetch(db, "SELECT pending, running, failed, rows_last_minute FROM autoembed.status")
+    assert status == [(0, 0, 0, 300)]
+
+
+class EditsWhileEmbedding:
+    """Changes a row's text (in another connection) while its old text is being embedded."""
+
+    def __init__(self, inner: Embedder, dsn: str) -> None:
+        self.inner, self.dsn, self.fired = inner, dsn, threading.Event()
+        self.dim, self.stats, self.name = inner.dim, inner.stats, inner.name
+
+    def embed(self, texts: list[str], **kw: Any) -> np.ndarray:
+        out = self.inner.embed(texts, **kw)
+        if "original text" in texts and not self.fired.is_set():
+            self.fired.set()
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute("UPDATE documents SET content = 'edited text' WHERE id = 1")
+        return out
+
+
+async def test_stale_write_guard(db: Any, db_url: str, minilm: Embedder) -> None:
+    await make_documents(db)
+    await watch_documents(db)
+    await db.execute("INSERT INTO documents (content) VALUES ('original text')")
+    editor = EditsWhileEmbedding(minilm, db_url)
+    await drain(db_url, editor)
+    assert editor.fired.is_set()
+    content, vector = (await vectors(db))[1]
+    assert content == "edited text"
+    assert_matches(minilm, "edited text", vector)
+    # the vector of the old text was never written: one write, the new text's
+    assert await fetch(db, "SELECT count(*) FROM documents_writes") == [(1,)]
+
+
+class Poisoned:
+    """A real embedder that raises on one text, as a broken model or input would."""
+
+    def __init__(self, inner: Embedder) -> None:
+        self.inner = inner
+        self.dim, self.stats, self.name = inner.dim, inner.stats, inner.name
+
+    def embed(self, texts: list[str], **kw: Any) -> np.ndarray:
+        if any("POISON" in t for t in texts):
+            raise ValueError("cannot embed a poisoned text")
+        return self.inner.embed(texts, **kw)
+
+
+async def test_a_failing_text_fails_alone(db: Any, db_url: str, minilm: Embedder) -> None:
+    await make_documents(db)
+    await watch_documents(db)
+    await db.execute(
+        "INSERT INTO documents (content) SELECT 'fine text ' || g FROM generate_series(1, 20) g"
+    )
+    await db.execute("INSERT INTO documents (id, content) VALUES (1000, 'POISON pill')")
+    worker = await drain(db_url, Poisoned(minilm), max_attempts=3)
+    assert worker.failed_jobs == 1
+    rows = await vectors(db)
+    assert sum(1 for _, v in rows.values() if v is not None) == 20
+    failed = await fetch(db, "SELECT pk, attempts, last_error FROM autoembed.failed_jobs")
+    assert failed == [("1000", 3, "ValueError: cannot embed a poisoned text")]
+    status = await fetch(db, "SELECT pending, failed FROM autoembed.status")
+    assert status == [(0, 1)]
+    # fixed and retried: the job runs again and succeeds
+    from worker.watches import retry
+
+    assert await retry(db, "documents") == 1
+    await drain(db_url, minilm)
+    assert_matches(minilm, "POISON pill", (await vectors(db))[1000][1])
+    assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(0,)]
+
+
+async def test_running_worker_wakes_on_notify(db: Any, db_url: str, minilm: Embedder) -> None:
+    await make_documents(db)
+    await watch_documents(db)
+    # a long poll interval: only the notification can wake the worker quickly
+    worker = Worker(
+        settings(db_url, poll_seconds=30), progress=False, embedder_factory=lambda _n: minilm
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await wait_for(lambda: asyncio.sleep(0, worker.listener.alive))
+        await asyncio.sleep(0.3)  # the worker has claimed nothing and is idle
+        await db.execute("INSERT INTO documents (content) VALUES ('wake up')")
+
+        async def embedded() -> bool:
+            return (await vectors(db))[1][1] is not None
+
+        await wait_for(embedded, timeout=10)  # far below the 30 s poll
+        assert worker.listener.notifications >= 1
+    finally:
+        worker.request_stop("test done")
+        assert await asyncio.wait_for(task, 30) == 0
+
+
+async def test_model_change_reembeds_everything(db: Any, db_url: str, minilm: Embedder) -> None:
+    await make_documents(db)
+    await watch_documents(db)
+    await db.execute("INSERT INTO documents (content) VALUES ('one'), ('two')")
+    await drain(db_url, minilm)
+    await db.execute("SELECT autoembed.register_model('other-384', 384)")
+    await db.execute("SELECT autoembed.set_model('documents', 'other-384')")
+    rows = await vectors(db)
+    assert all(v is None for _, v in rows.values())  # one vector space per column
+    assert await fetch(db, "SELECT count(*) FROM autoembed.jobs WHERE status = 'pending'") == [(2,)]
+    # a worker holding the old model refuses to write into the new space
+    worker = Worker(settings(db_url), progress=False, embedder_factory=lambda _n: minilm)
+    await worker.pool.open()
+    try:
+        current = next(iter((await worker.queue.watches()).values()))
+        old = dataclasses.replace(current, model="all-minilm-l6-v2")  # what it loaded before
+        jobs = await worker.queue.claim("embed", [old.id], 10, 30)
+        texts = await worker.queue.read_texts(old, [j.pk for j in jobs])
+        vecs = dict(zip(texts, minilm.embed(list(texts.values())), strict=True))
+        with pytest.raises(ModelChanged, match="refusing to write"):
+            await worker.queue.finish(old, "embed", jobs, texts, vecs)
+    finally:
+        await worker.pool.close()
+    assert all(v is None for _, v in (await vectors(db)).values())
+
+
+async def test_claim_uses_the_partial_index(db: Any) -> None:
+    await make_documents(db)
+    await watch_documents(db)
+    await db.execute("SET enable_seqscan = off")
+    from worker.db import queries
+
+    plan = await fetch(
+        db,
+        "EXPLAIN (FORMAT JSON) " + queries()["claim"].replace("%(lease)s", "30")
+        .replace("%(worker)s", "'w'").replace("%(lane)s", "'embed'")
+        .replace("%(watches)s", "ARRAY[1]").replace("%(limit)s", "10"),
+    )
+    assert "jobs_claim_idx" in str(plan[0][0])
