@@ -126,7 +126,9 @@ def db_url(server: Server, template: str) -> Iterator[str]:
         )
     yield server.dsn(name)
     with psycopg.connect(server.url, autocommit=True) as conn, contextlib.suppress(psycopg.Error):
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
 
 
 @pytest.fixture
@@ -145,7 +147,8 @@ def url_of(dsn: str) -> str:
     d = conninfo_to_dict(dsn)
     user = d.get("user", "postgres")
     password = f":{d['password']}" if d.get("password") else ""
-    return f"postgresql://{user}{password}@{d.get('host', '127.0.0.1')}:{d.get('port', 5432)}/{d['dbname']}"
+    host, port = d.get("host", "127.0.0.1"), d.get("port", 5432)
+    return f"postgresql://{user}{password}@{host}:{port}/{d['dbname']}"
 
 
 def worker_env(dsn: str, **extra: str) -> dict[str, str]:

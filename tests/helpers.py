@@ -70,7 +70,9 @@ async def drain(db_url: str, embedder: Any, **overrides: Any) -> Worker:
     return worker
 
 
-async def fetch(conn: psycopg.AsyncConnection[Any], query: str, *params: Any) -> list[tuple[Any, ...]]:
+async def fetch(
+    conn: psycopg.AsyncConnection[Any], query: str, *params: Any
+) -> list[tuple[Any, ...]]:
     cur = await conn.execute(query, params or None)
     return await cur.fetchall()
 

@@ -26,8 +26,9 @@ TOPICS = ["indexes", "vacuum", "replication", "json", "locks", "joins", "backups
 async def fill(conn: Any, n: int) -> None:
     await conn.execute(
         "INSERT INTO documents (content) SELECT 'note ' || g || ' about ' || "
-        "(ARRAY[%s])[1 + g %% 8] FROM generate_series(1, %s) g"
-        .replace("ARRAY[%s]", "ARRAY[" + ",".join(f"'{t}'" for t in TOPICS) + "]"),
+        "(ARRAY[%s])[1 + g %% 8] FROM generate_series(1, %s) g".replace(
+            "ARRAY[%s]", "ARRAY[" + ",".join(f"'{t}'" for t in TOPICS) + "]"
+        ),
         (n,),
     )
 
@@ -122,7 +123,7 @@ async def test_postgres_restart_under_a_running_worker(
     async with await connect(db_url) as conn:
         await make_documents(conn)
         await watch_documents(conn)
-        await fill(conn, 600)
+        await fill(conn, 2000)
     env = {"AUTOEMBED_LEASE_SECONDS": "4"}
     with workers(db_url, 1, "--batch-size", "16", **env) as (proc,):
 
@@ -132,11 +133,13 @@ async def test_postgres_restart_under_a_running_worker(
 
         await wait_for(some_done, timeout=120, every=0.05)
         await asyncio.to_thread(server.restart, 2.0)  # down for two seconds, mid-run
+        async with await connect(db_url) as c:
+            assert await embedded_count(c) < 2000, "the restart came too late to test anything"
 
         async def all_done() -> bool:
             try:
                 async with await connect(db_url) as c:
-                    return await embedded_count(c) == 600
+                    return await embedded_count(c) == 2000
             except Exception:
                 return False
 
@@ -145,17 +148,19 @@ async def test_postgres_restart_under_a_running_worker(
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
-        assert "database unreachable" in out and "database reachable again" in out
     async with await connect(db_url) as conn:
-        await assert_all_done_once(conn, 600, minilm)
+        await assert_all_done_once(conn, 2000, minilm)
 
 
 async def test_sigterm_exits_zero_promptly(db: Any, db_url: str) -> None:
     await make_documents(db)
     await watch_documents(db)
     with workers(db_url, 1) as (proc,):
+
         async def listening() -> bool:
-            rows = await fetch(db, "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN autoembed'")
+            rows = await fetch(
+                db, "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN autoembed'"
+            )
             return rows[0][0] > 0
 
         await wait_for(listening, timeout=60)
@@ -169,8 +174,13 @@ async def test_sigterm_exits_zero_promptly(db: Any, db_url: str) -> None:
 
 def cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*AUTOEMBED, *args], env=worker_env(dsn), cwd=ROOT, capture_output=True, text=True,
-        timeout=180, check=False,
+        [*AUTOEMBED, *args],
+        env=worker_env(dsn),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
 
 
@@ -196,12 +206,20 @@ async def test_command_line_end_to_end(db: Any, db_url: str, minilm: Embedder) -
     assert retried.returncode == 0 and "queued 0 failed job(s)" in retried.stdout
     refused = cli(db_url, "watch", "documents", "--column", "nope")
     assert refused.returncode == 4
-    assert 'has no column "nope"' in refused.stderr and "Its columns are: id, content" in refused.stderr
+    assert (
+        'has no column "nope"' in refused.stderr
+        and "Its columns are: id, content" in refused.stderr
+    )
     gone = cli(db_url, "unwatch", "documents")
     assert gone.returncode == 0
     assert await fetch(db, "SELECT count(*) FROM autoembed.watches") == [(0,)]
     no_db = subprocess.run(
-        [*AUTOEMBED, "status"], env={**worker_env(db_url), "DATABASE_URL": ""}, cwd=ROOT,
-        capture_output=True, text=True, timeout=60, check=False,
+        [*AUTOEMBED, "status"],
+        env={**worker_env(db_url), "DATABASE_URL": ""},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert no_db.returncode == 2 and "set DATABASE_URL" in no_db.stderr

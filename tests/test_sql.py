@@ -40,13 +40,13 @@ async def test_new_migration_applies_once(db_url: str, tmp_path: Path) -> None:
     root = tmp_path / "root"
     shutil.copytree(ROOT / "migrations", root / "migrations")
     shutil.copytree(ROOT / "sql", root / "sql")
-    (root / "migrations" / "0002_extra.sql").write_text(
-        "CREATE TABLE autoembed.extra (x int);"
-    )
+    (root / "migrations" / "0002_extra.sql").write_text("CREATE TABLE autoembed.extra (x int);")
     assert (await migrate(db_url, root)).applied == ["0002_extra"]
     assert (await migrate(db_url, root)).applied == []
     # a broken migration changes nothing at all (one transaction)
-    (root / "migrations" / "0003_broken.sql").write_text("CREATE TABLE autoembed.y (x int); SELEC 1;")
+    (root / "migrations" / "0003_broken.sql").write_text(
+        "CREATE TABLE autoembed.y (x int); SELEC 1;"
+    )
     with pytest.raises(MigrationError, match="nothing was changed"):
         await migrate(db_url, root)
     async with await psycopg.AsyncConnection.connect(db_url) as conn:
@@ -60,8 +60,14 @@ def test_concurrent_migrations_from_several_processes(server: Server) -> None:
         conn.execute(f"CREATE DATABASE {name}")
     dsn = server.dsn(name)
     procs = [
-        subprocess.Popen([*AUTOEMBED, "migrate"], env=worker_env(dsn), cwd=ROOT,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [*AUTOEMBED, "migrate"],
+            env=worker_env(dsn),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for _ in range(4)
     ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
@@ -80,10 +86,14 @@ async def test_refusals_say_what_to_do(db: Any) -> None:
     await db.execute("CREATE TABLE t (id int PRIMARY KEY, body text)")
     with pytest.raises(WatchError, match='(?s)has no column "content".*Its columns are: id, body'):
         await watch(db, "t", "content", model="all-minilm-l6-v2")
-    with pytest.raises(WatchError, match='(?s)unknown model "nope".*Known models: all-minilm-l6-v2'):
+    with pytest.raises(
+        WatchError, match='(?s)unknown model "nope".*Known models: all-minilm-l6-v2'
+    ):
         await watch(db, "t", "body", model="nope")
     await db.execute("ALTER TABLE t ADD COLUMN embedding vector(3)")
-    with pytest.raises(WatchError, match=r"is public.vector\(3\), but model all-minilm-l6-v2 makes vector\(384\)"):
+    with pytest.raises(
+        WatchError, match=r"is public.vector\(3\), but model all-minilm-l6-v2 makes vector\(384\)"
+    ):
         await watch(db, "t", "body", model="all-minilm-l6-v2")
     await db.execute("CREATE TABLE u (id int PRIMARY KEY, body text)")
     await db.execute("CREATE FUNCTION match_u(x int) RETURNS int LANGUAGE sql AS 'SELECT x'")
@@ -113,9 +123,11 @@ async def test_match_documents_as_supabase_calls_it(db: Any, db_url: str, minilm
         db,
         "SELECT id, content, similarity FROM match_documents(query_embedding => %s, "
         "match_threshold => %s, match_count => %s)",
-        query, 0.1, 2,
+        query,
+        0.1,
+        2,
     )
-    assert [r[1] for r in rows][0] == "cats purr when content"
+    assert rows[0][1] == "cats purr when content"
     assert len(rows) <= 2 and rows == sorted(rows, key=lambda r: -r[2])
     everything = await fetch(db, "SELECT * FROM match_documents(%s, -1, 10)", query)
     assert len(everything) == 3
@@ -127,11 +139,13 @@ async def test_match_documents_as_supabase_calls_it(db: Any, db_url: str, minilm
         "pg_get_function_result('match_documents'::regproc), prosecdef "
         "FROM pg_proc WHERE proname = 'match_documents'",
     )
-    assert sig == [(
-        "query_embedding vector, match_threshold double precision, match_count integer",
-        "TABLE(id bigint, content text, similarity double precision)",
-        False,  # SECURITY INVOKER
-    )]
+    assert sig == [
+        (
+            "query_embedding vector, match_threshold double precision, match_count integer",
+            "TABLE(id bigint, content text, similarity double precision)",
+            False,  # SECURITY INVOKER
+        )
+    ]
 
 
 async def test_row_level_security_and_plain_roles(
@@ -149,10 +163,12 @@ async def test_row_level_security_and_plain_roles(
     await db.execute("ALTER TABLE documents ENABLE ROW LEVEL SECURITY")
     await db.execute("CREATE POLICY own_rows ON documents USING (owner = current_user)")
     # no grant on the autoembed schema at all: the SECURITY DEFINER trigger still queues
-    alice = await psycopg.AsyncConnection.connect(server.dsn(db.info.dbname, user="app_alice"),
-                                                  autocommit=True)
-    bob = await psycopg.AsyncConnection.connect(server.dsn(db.info.dbname, user="app_bob"),
-                                                autocommit=True)
+    alice = await psycopg.AsyncConnection.connect(
+        server.dsn(db.info.dbname, user="app_alice"), autocommit=True
+    )
+    bob = await psycopg.AsyncConnection.connect(
+        server.dsn(db.info.dbname, user="app_bob"), autocommit=True
+    )
     try:
         await alice.execute("INSERT INTO documents (content) VALUES ('alice secret about cats')")
         await bob.execute("INSERT INTO documents (content) VALUES ('bob notes about cats')")
@@ -171,7 +187,9 @@ async def test_row_level_security_and_plain_roles(
         await bob.close()
 
 
-async def test_least_privilege_worker_role(server: Server, db: Any, db_url: str, minilm: Embedder) -> None:
+async def test_least_privilege_worker_role(
+    server: Server, db: Any, db_url: str, minilm: Embedder
+) -> None:
     await make_documents(db)
     await watch_documents(db)
     await db.execute("INSERT INTO documents (content) VALUES ('embedded by a plain role')")
@@ -180,8 +198,13 @@ async def test_least_privilege_worker_role(server: Server, db: Any, db_url: str,
     await db.execute("SELECT autoembed.grant_worker('autoembed_worker')")
     dsn = server.dsn(db.info.dbname, user="autoembed_worker")
     proc = await asyncio.create_subprocess_exec(
-        *AUTOEMBED, "run", "--drain", env=worker_env(dsn), cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        *AUTOEMBED,
+        "run",
+        "--drain",
+        env=worker_env(dsn),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), 90)
@@ -211,8 +234,14 @@ async def test_a_refused_write_fails_the_job_with_the_reason(
     dsn = server.dsn(db.info.dbname, user="autoembed_weak")
     env = worker_env(dsn, AUTOEMBED_MAX_ATTEMPTS="2", AUTOEMBED_BACKOFF_SECONDS="0.05")
     done = await asyncio.to_thread(
-        subprocess.run, [*AUTOEMBED, "run", "--drain"], env=env, cwd=ROOT,
-        capture_output=True, text=True, timeout=120, check=False,
+        subprocess.run,
+        [*AUTOEMBED, "run", "--drain"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     failed = await fetch(db, "SELECT attempts, last_error FROM autoembed.failed_jobs")

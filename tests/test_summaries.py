@@ -29,8 +29,15 @@ async def summarised_documents(db: Any, **kw: Any) -> None:
 
     await make_documents(db)
     await db.execute("ALTER TABLE documents ADD COLUMN summary text")
-    await watch(db, "documents", "content", model="all-minilm-l6-v2",
-                summary_column="summary", llm_model=kw.pop("llm_model", "mistral"), **kw)
+    await watch(
+        db,
+        "documents",
+        "content",
+        model="all-minilm-l6-v2",
+        summary_column="summary",
+        llm_model=kw.pop("llm_model", "mistral"),
+        **kw,
+    )
 
 
 async def test_summaries_and_embeddings_both_written(
@@ -57,7 +64,9 @@ async def test_openai_mode(db: Any, db_url: str, minilm: Embedder, ollama: Ollam
     await summarised_documents(db)
     await db.execute("INSERT INTO documents (content) VALUES ('llamafile speaks openai')")
     await drain(db_url, minilm, llm_host=ollama.url, llm_mode="openai")
-    assert await fetch(db, "SELECT summary FROM documents") == [("Summary: llamafile speaks openai",)]
+    assert await fetch(db, "SELECT summary FROM documents") == [
+        ("Summary: llamafile speaks openai",)
+    ]
     sent = ollama.requests_to("/v1/chat/completions")[0].body
     assert sent["messages"][0]["role"] == "user" and sent["max_tokens"] == 100
 
@@ -81,17 +90,21 @@ async def test_absent_llm_never_delays_embeddings(db: Any, db_url: str, minilm: 
     await db.execute("INSERT INTO documents (content) VALUES ('nobody is listening')")
     worker = Worker(
         settings(db_url, llm_host=free_port_url(), llm_retries=0, max_attempts=2),
-        progress=False, embedder_factory=lambda _n: minilm,
+        progress=False,
+        embedder_factory=lambda _n: minilm,
     )
     task = asyncio.create_task(worker.run())
     try:
+
         async def embedded() -> bool:
             return (await vectors(db))[1][1] is not None
 
         await wait_for(embedded, timeout=30)
 
         async def summary_failed() -> bool:
-            rows = await fetch(db, "SELECT count(*) FROM autoembed.failed_jobs WHERE lane = 'summary'")
+            rows = await fetch(
+                db, "SELECT count(*) FROM autoembed.failed_jobs WHERE lane = 'summary'"
+            )
             return rows[0][0] == 1
 
         await wait_for(summary_failed, timeout=30)
@@ -108,10 +121,12 @@ async def test_slow_llm_and_the_stale_guard(
     await summarised_documents(db)
     ollama.set_faults("mistral", slow=1.5)
     await db.execute("INSERT INTO documents (content) VALUES ('first version of the text')")
-    worker = Worker(settings(db_url, llm_host=ollama.url), progress=False,
-                    embedder_factory=lambda _n: minilm)
+    worker = Worker(
+        settings(db_url, llm_host=ollama.url), progress=False, embedder_factory=lambda _n: minilm
+    )
     task = asyncio.create_task(worker.run())
     try:
+
         async def generating() -> bool:
             return bool(ollama.requests_to("/api/generate"))
 
@@ -138,9 +153,21 @@ async def test_slow_llm_and_the_stale_guard(
 def test_generate_command_streams(ollama: OllamaStandIn) -> None:
     ollama.set_faults(word_delay=0.01)
     done = subprocess.run(
-        [*AUTOEMBED, "generate", "Write a haiku about coding", "--llm-model", "mistral",
-         "--stream", "--llm-host", ollama.url],
-        env=worker_env("dbname=none"), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            *AUTOEMBED,
+            "generate",
+            "Write a haiku about coding",
+            "--llm-model",
+            "mistral",
+            "--stream",
+            "--llm-host",
+            ollama.url,
+        ],
+        env=worker_env("dbname=none"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -148,7 +175,11 @@ def test_generate_command_streams(ollama: OllamaStandIn) -> None:
     assert ollama.requests_to("/api/generate")[0].body["stream"] is True
     missing = subprocess.run(
         [*AUTOEMBED, "generate", "hi", "--llm-model", "nope", "--llm-host", ollama.url],
-        env=worker_env("dbname=none"), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=worker_env("dbname=none"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     assert missing.returncode == 5 and "ollama pull nope" in missing.stderr

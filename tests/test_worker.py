@@ -68,7 +68,8 @@ async def test_insert_update_null_delete(db: Any, db_url: str, minilm: Embedder)
 async def test_backfill_of_existing_rows(db: Any, db_url: str, minilm: Embedder) -> None:
     await make_documents(db)
     await db.execute(
-        "INSERT INTO documents (content) SELECT 'passage number ' || g FROM generate_series(1, 300) g"
+        "INSERT INTO documents (content) "
+        "SELECT 'passage number ' || g FROM generate_series(1, 300) g"
     )
     await watch_documents(db)
     assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(300,)]
@@ -77,7 +78,9 @@ async def test_backfill_of_existing_rows(db: Any, db_url: str, minilm: Embedder)
     rows = await vectors(db)
     assert all(v is not None for _, v in rows.values())
     assert_matches(minilm, "passage number 150", rows[150][1])
-    status = await fetch(db, "SELECT pending, running, failed, rows_last_minute FROM autoembed.status")
+    status = await fetch(
+        db, "SELECT pending, running, failed, rows_last_minute FROM autoembed.status"
+    )
     assert status == [(0, 0, 0, 300)]
 
 
@@ -157,7 +160,7 @@ async def test_running_worker_wakes_on_notify(db: Any, db_url: str, minilm: Embe
     )
     task = asyncio.create_task(worker.run())
     try:
-        await wait_for(lambda: asyncio.sleep(0, worker.listener.alive))
+        await asyncio.wait_for(worker.listener.ready.wait(), 30)
         await asyncio.sleep(0.3)  # the worker has claimed nothing and is idle
         await db.execute("INSERT INTO documents (content) VALUES ('wake up')")
 
@@ -205,8 +208,12 @@ async def test_claim_uses_the_partial_index(db: Any) -> None:
 
     plan = await fetch(
         db,
-        "EXPLAIN (FORMAT JSON) " + queries()["claim"].replace("%(lease)s", "30")
-        .replace("%(worker)s", "'w'").replace("%(lane)s", "'embed'")
-        .replace("%(watches)s", "ARRAY[1]").replace("%(limit)s", "10"),
+        "EXPLAIN (FORMAT JSON) "
+        + queries()["claim"]
+        .replace("%(lease)s", "30")
+        .replace("%(worker)s", "'w'")
+        .replace("%(lane)s", "'embed'")
+        .replace("%(watches)s", "ARRAY[1]")
+        .replace("%(limit)s", "10"),
     )
     assert "jobs_claim_idx" in str(plan[0][0])

@@ -41,26 +41,46 @@ AUTOEMBED_BATCH_SIZE, ...); options override them. See README.md for all of them
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database-url", metavar="URL", help="PostgreSQL URL (default: $DATABASE_URL)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--log-format", default="text", choices=["text", "json"],
-                   help="json: one JSON object per log line (for log collectors)")
+    p.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per log line (for log collectors)",
+    )
 
 
 def _engine_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="NAME|PATH",
-                   help="registry name or model directory (default: $AUTOEMBED_MODEL, else gte-small)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default: auto (CUDA if present)")
-    p.add_argument("--precision", choices=["fp32", "int8", "fp16"],
-                   help="fp32 (default); int8: faster on CPU, cosine ~0.99 to fp32; fp16: CUDA only")
-    p.add_argument("--threads", type=int, metavar="N", help="inference threads (default: all cores)")
+    p.add_argument(
+        "--model",
+        metavar="NAME|PATH",
+        help="registry name or model directory (default: $AUTOEMBED_MODEL, else gte-small)",
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="default: auto (CUDA if present)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "int8", "fp16"],
+        help="fp32 (default); int8: faster on CPU, cosine ~0.99 to fp32; fp16: CUDA only",
+    )
+    p.add_argument(
+        "--threads", type=int, metavar="N", help="inference threads (default: all cores)"
+    )
 
 
 def _llm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-model", required=True, metavar="NAME", help="e.g. mistral")
-    p.add_argument("--llm-mode", choices=["ollama", "openai"],
-                   help="ollama: Ollama's API (default); openai: /v1/chat/completions "
-                   "(llamafile, llama.cpp server, vLLM)")
-    p.add_argument("--llm-host", metavar="URL",
-                   help="default: $OLLAMA_HOST, $AI_INFERENCE_API_HOST, http://127.0.0.1:11434")
+    p.add_argument(
+        "--llm-mode",
+        choices=["ollama", "openai"],
+        help="ollama: Ollama's API (default); openai: /v1/chat/completions "
+        "(llamafile, llama.cpp server, vLLM)",
+    )
+    p.add_argument(
+        "--llm-host",
+        metavar="URL",
+        help="default: $OLLAMA_HOST, $AI_INFERENCE_API_HOST, http://127.0.0.1:11434",
+    )
     p.add_argument("--max-tokens", type=int, help="default 100")
     p.add_argument("--temperature", type=float, help="default 0.8")
     p.add_argument("--top-k", type=int, help="default 40")
@@ -86,44 +106,72 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    add("migrate", "create or upgrade the autoembed schema (idempotent, safe to run concurrently)",
-        "cmd_migrate")
+    add(
+        "migrate",
+        "create or upgrade the autoembed schema (idempotent, safe to run concurrently)",
+        "cmd_migrate",
+    )
 
     p = add("watch", "keep a table's vectors in step with one of its text columns", "cmd_watch")
     p.add_argument("table", help="table name, optionally schema-qualified")
     p.add_argument("--column", required=True, help="the text column to embed")
-    p.add_argument("--embedding-column", default="embedding",
-                   help="vector column, added if missing (default: embedding)")
+    p.add_argument(
+        "--embedding-column",
+        default="embedding",
+        help="vector column, added if missing (default: embedding)",
+    )
     p.add_argument("--model", metavar="NAME|PATH", help="default: $AUTOEMBED_MODEL, else gte-small")
     p.add_argument("--match-function", metavar="NAME", help="default: match_<table>")
     p.add_argument("--summary-column", metavar="COL", help="also write an LLM summary here")
     p.add_argument("--llm-model", metavar="NAME", help="LLM for summaries, e.g. mistral")
-    p.add_argument("--prompt", metavar="TEMPLATE",
-                   help="summary prompt; {column} placeholders take the row's values")
-    p.add_argument("--llm-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="generation option (max_tokens, temperature, top_k, top_p, "
-                   "repeat_penalty, repeat_penalty_last_n_token_count, timeout); repeatable")
+    p.add_argument(
+        "--prompt",
+        metavar="TEMPLATE",
+        help="summary prompt; {column} placeholders take the row's values",
+    )
+    p.add_argument(
+        "--llm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="generation option (max_tokens, temperature, top_k, top_p, "
+        "repeat_penalty, repeat_penalty_last_n_token_count, timeout); repeatable",
+    )
 
-    p = add("unwatch", "stop watching a table (keeps the vectors unless --drop-column)", "cmd_unwatch")
+    p = add(
+        "unwatch", "stop watching a table (keeps the vectors unless --drop-column)", "cmd_unwatch"
+    )
     p.add_argument("table")
     p.add_argument("--embedding-column", default="embedding")
     p.add_argument("--drop-column", action="store_true", help="also drop the vector column")
 
     p = add("run", "the daemon: embed new and changed rows as they arrive", "cmd_run")
     _engine_options(p)
-    p.add_argument("--drain", action="store_true",
-                   help="process until the queue is empty, then exit 0 (backfills)")
-    p.add_argument("--concurrency", type=int, metavar="N",
-                   help="batches in flight in this process (default 2)")
+    p.add_argument(
+        "--drain",
+        action="store_true",
+        help="process until the queue is empty, then exit 0 (backfills)",
+    )
+    p.add_argument(
+        "--concurrency", type=int, metavar="N", help="batches in flight in this process (default 2)"
+    )
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per claim (default 128)")
-    p.add_argument("--http", metavar="HOST:PORT",
-                   help="also serve the HTTP API (webhooks, /embed, /v1/embeddings, /metrics)")
+    p.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="also serve the HTTP API (webhooks, /embed, /v1/embeddings, /metrics)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar with --drain")
 
     p = add("status", "pending, running and failed jobs per watch", "cmd_status")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--failed", type=int, default=10, metavar="N",
-                   help="list the N most recent failed jobs with their errors (default 10)")
+    p.add_argument(
+        "--failed",
+        type=int,
+        default=10,
+        metavar="N",
+        help="list the N most recent failed jobs with their errors (default 10)",
+    )
 
     p = add("retry", "queue failed jobs again", "cmd_retry")
     p.add_argument("table", nargs="?", help="only this table's (default: all)")
@@ -138,33 +186,57 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_options(p)
 
     p = add("embed", "print the embedding of each text, one JSON array per line", "cmd_embed")
-    p.add_argument("texts", nargs="*", metavar="TEXT",
-                   help="texts to embed; none: read standard input, one text per line")
-    p.add_argument("--jsonl", action="store_true",
-                   help="standard input holds one JSON string per line (texts may hold newlines)")
-    p.add_argument("--no-mean-pool", action="store_true",
-                   help="take the first token's state instead of the mean (Session.run's mean_pool)")
+    p.add_argument(
+        "texts",
+        nargs="*",
+        metavar="TEXT",
+        help="texts to embed; none: read standard input, one text per line",
+    )
+    p.add_argument(
+        "--jsonl",
+        action="store_true",
+        help="standard input holds one JSON string per line (texts may hold newlines)",
+    )
+    p.add_argument(
+        "--no-mean-pool",
+        action="store_true",
+        help="take the first token's state instead of the mean (Session.run's mean_pool)",
+    )
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
     _engine_options(p)
 
     add("models", "the model registry, and what is cached or installed here", "cmd_models")
 
-    p = add("serve", "the HTTP API alone: webhooks, /embed, /v1/embeddings, health, metrics",
-            "cmd_serve")
-    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT",
-                   help="address to listen on (default 127.0.0.1:8080; a non-loopback address "
-                   "needs AUTOEMBED_API_KEY)")
+    p = add(
+        "serve",
+        "the HTTP API alone: webhooks, /embed, /v1/embeddings, health, metrics",
+        "cmd_serve",
+    )
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="address to listen on (default 127.0.0.1:8080; a non-loopback address "
+        "needs AUTOEMBED_API_KEY)",
+    )
     _engine_options(p)
 
-    p = add("generate", "generate text with the LLM server (Ollama or OpenAI-compatible)",
-            "cmd_generate")
+    p = add(
+        "generate",
+        "generate text with the LLM server (Ollama or OpenAI-compatible)",
+        "cmd_generate",
+    )
     p.add_argument("prompt", help="the prompt; - reads it from standard input")
     _llm_options(p)
     p.add_argument("--stream", action="store_true", help="print the text as it arrives")
 
     p = add("demo", "the whole thing on a throwaway embedded PostgreSQL, no set-up", "cmd_demo")
-    p.add_argument("--rows", type=int, default=1000,
-                   help="PostgreSQL documentation passages to load (default 1000; 0: all 5,933)")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=1000,
+        help="PostgreSQL documentation passages to load (default 1000; 0: all 5,933)",
+    )
     _engine_options(p)
     return parser
 
@@ -212,7 +284,9 @@ def _read_texts(stream: TextIO, jsonl: bool) -> Iterator[str]:
             except ValueError as exc:
                 raise ConfigError(f"stdin line {n}: not JSON ({exc})") from None
             if not isinstance(value, str):
-                raise ConfigError(f"stdin line {n}: expected a JSON string, got {type(value).__name__}")
+                raise ConfigError(
+                    f"stdin line {n}: expected a JSON string, got {type(value).__name__}"
+                )
             yield value
         else:
             yield line.rstrip("\r\n")
@@ -256,7 +330,9 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     options = _watch_llm_options(args.llm_option)
     async with await _connect(settings) as conn:
         info = await watches.watch(
-            conn, args.table, args.column,
+            conn,
+            args.table,
+            args.column,
             embedding_column=args.embedding_column,
             model=args.model or settings.model,
             match_function=args.match_function,
@@ -282,8 +358,10 @@ async def cmd_unwatch(args: argparse.Namespace, settings: Settings) -> int:
     if not removed:
         print(f"{args.table}.{args.embedding_column} was not watched", file=sys.stderr)
         return 1
-    print(f"stopped watching {args.table}.{args.embedding_column}"
-          + (" and dropped the column" if args.drop_column else ""))
+    print(
+        f"stopped watching {args.table}.{args.embedding_column}"
+        + (" and dropped the column" if args.drop_column else "")
+    )
     return 0
 
 
@@ -291,8 +369,13 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from .runner import Worker
 
     settings = settings.with_(
-        model=args.model, device=args.device, precision=args.precision, threads=args.threads,
-        concurrency=args.concurrency, batch_size=args.batch_size, http=args.http,
+        model=args.model,
+        device=args.device,
+        precision=args.precision,
+        threads=args.threads,
+        concurrency=args.concurrency,
+        batch_size=args.batch_size,
+        http=args.http,
     )
     worker = Worker(settings, drain=args.drain, progress=False if args.no_progress else None)
     if settings.http:
@@ -320,13 +403,28 @@ async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
         r["rows/s (1 min)"] = f"{(r['rows_last_minute'] or 0) / 60:.1f}"
         r["table"] = r["source"]
         r["column"] = r["target_column"]
-    _print_table(rows, ["table", "column", "lane", "model", "pending", "running", "failed",
-                        "oldest_pending", "rows/s (1 min)"], sys.stdout)
+    _print_table(
+        rows,
+        [
+            "table",
+            "column",
+            "lane",
+            "model",
+            "pending",
+            "running",
+            "failed",
+            "oldest_pending",
+            "rows/s (1 min)",
+        ],
+        sys.stdout,
+    )
     if failed:
         print(f"\nfailed jobs (most recent {len(failed)}; `autoembed retry` queues them again):")
         for f in failed:
-            print(f"  {f['source']} {f['lane']} row {f['pk']} after {f['attempts']} attempt(s): "
-                  f"{(f['last_error'] or '').splitlines()[0][:200]}")
+            print(
+                f"  {f['source']} {f['lane']} row {f['pk']} after {f['attempts']} attempt(s): "
+                f"{(f['last_error'] or '').splitlines()[0][:200]}"
+            )
     return 0
 
 
@@ -407,7 +505,10 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from .http import serve
 
     settings = settings.with_(
-        model=args.model, device=args.device, precision=args.precision, threads=args.threads,
+        model=args.model,
+        device=args.device,
+        precision=args.precision,
+        threads=args.threads,
         http=args.listen,
     )
     return await serve(settings)
@@ -418,8 +519,12 @@ async def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     given = {
-        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k,
-        "top_p": args.top_p, "repeat_penalty": args.repeat_penalty, "timeout": args.timeout,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "repeat_penalty": args.repeat_penalty,
+        "timeout": args.timeout,
     }
     options = GenerateOptions.from_mapping({k: v for k, v in given.items() if v is not None})
     mode = args.llm_mode or settings.llm_mode

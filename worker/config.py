@@ -7,19 +7,22 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
 
 ENV_PREFIX = "AUTOEMBED_"
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "int8", "fp16"]
+LLMMode = Literal["ollama", "openai"]
 
 
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
     model: str = "gte-small"  # AUTOEMBED_MODEL: the default for watch, embed and search
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | int8 (CPU) | fp16 (CUDA)
+    device: Device = "auto"  # auto | cpu | cuda
+    precision: Precision = "fp32"  # fp32 | int8 (CPU) | fp16 (CUDA)
     threads: int | None = None  # ONNX Runtime intra-op threads (default: usable cores)
     batch_size: int = 128  # rows claimed per round trip
     concurrency: int = 2  # batches in flight per process (DB I/O overlaps inference)
@@ -32,7 +35,7 @@ class Settings:
     summary_concurrency: int = 2  # LLM generations in flight per process
     summary_lease_seconds: float = 300.0
     llm_host: str | None = None  # default: OLLAMA_HOST, AI_INFERENCE_API_HOST, localhost
-    llm_mode: str = "ollama"  # ollama | openai
+    llm_mode: LLMMode = "ollama"  # ollama | openai
     llm_retries: int = 3  # quick retries inside one attempt (connection errors, 5xx)
     http: str | None = None  # HOST:PORT for the HTTP surface inside `run`
     api_key: str | None = None  # AUTOEMBED_API_KEY: Bearer token for the HTTP surface

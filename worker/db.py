@@ -35,7 +35,7 @@ def queries() -> dict[str, str]:
 
 
 def q(name: str) -> sql.SQL:
-    return sql.SQL(queries()[name])  # type: ignore[arg-type]
+    return sql.SQL(queries()[name])
 
 
 def describe(exc: BaseException) -> str:
@@ -45,7 +45,7 @@ def describe(exc: BaseException) -> str:
         if exc.diag.message_hint:
             text += f"\nhint: {exc.diag.message_hint}"
         return text
-    return str(exc).strip() or type(exc).__name__
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def translate(exc: BaseException, doing: str) -> DatabaseError:

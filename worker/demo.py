@@ -73,17 +73,22 @@ async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
                 "title text, source text, content text NOT NULL)"
             )
             rows = 0
-            async with conn.cursor() as cur:
-                async with cur.copy("COPY documents (title, source, content) FROM STDIN") as copy:
-                    for p in passages(args.rows):
-                        await copy.write_row((p["title"], p["source"], p["content"]))
-                        rows += 1
+            copy_sql = "COPY documents (title, source, content) FROM STDIN"
+            async with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                for p in passages(args.rows):
+                    await copy.write_row((p["title"], p["source"], p["content"]))
+                    rows += 1
             print(f"loaded {rows} passages of the PostgreSQL documentation into documents")
             info = await watch(conn, "documents", "content", model=model)
-            print(f"watching documents.content with {info['model']}; search: {info['match_function']}")
+            print(
+                f"watching documents.content with {info['model']}; search: {info['match_function']}"
+            )
 
         worker_settings = settings.with_(
-            database_url=pg.url, device=args.device, precision=args.precision, threads=args.threads,
+            database_url=pg.url,
+            device=args.device,
+            precision=args.precision,
+            threads=args.threads,
             poll_seconds=0.5,
         )
         started = time.perf_counter()
@@ -123,8 +128,7 @@ async def _live_insert(conn: Any, settings: Settings, emb: Any) -> float:
     worker = Worker(settings, embedder_factory=lambda _name: emb, progress=False)
     task = asyncio.create_task(worker.run())
     try:
-        while not worker.listener.alive:
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(worker.listener.ready.wait(), 30)
         await asyncio.sleep(0.2)
         t0 = time.perf_counter()
         cur = await conn.execute(

@@ -9,6 +9,7 @@ silently dead socket is noticed and replaced.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -22,13 +23,12 @@ CHANNEL = "autoembed"
 
 
 class Listener:
-    def __init__(
-        self, url: str, wake: Callable[[str], None], probe_seconds: float = 5.0
-    ) -> None:
+    def __init__(self, url: str, wake: Callable[[str], None], probe_seconds: float = 5.0) -> None:
         self.url = url
         self.wake = wake
         self.probe_seconds = probe_seconds
         self.alive = False
+        self.ready = asyncio.Event()  # set once the first LISTEN is in place
         self.notifications = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -49,6 +49,7 @@ class Listener:
                     if not self.alive:
                         log.info("listening for notifications on channel %r", CHANNEL)
                     self.alive = True
+                    self.ready.set()
                     delay = 0.2
                     self.wake("listener connected")  # catch up on anything missed meanwhile
                     while not stop.is_set():
@@ -67,12 +68,12 @@ class Listener:
 
     def _down(self, exc: BaseException) -> None:
         if self.alive:
-            log.warning("listener lost its connection (%s); polling until it is back", describe(exc))
+            log.warning(
+                "listener lost its connection (%s); polling until it is back", describe(exc)
+            )
         self.alive = False
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .engine import EmbedStats
@@ -23,9 +23,11 @@ class _EngineCollector(Collector):
             "autoembed_texts_per_second", "Texts embedded per second since start", labels=["model"]
         )
         tokens = GaugeMetricFamily(
-            "autoembed_tokens_per_second", "Tokens embedded per second since start", labels=["model"]
+            "autoembed_tokens_per_second",
+            "Tokens embedded per second since start",
+            labels=["model"],
         )
-        truncated = GaugeMetricFamily(
+        truncated = CounterMetricFamily(
             "autoembed_truncated_texts", "Texts cut at the model's token limit", labels=["model"]
         )
         for name, stats in self.metrics.engines.items():

@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from .db import connect, configure, describe, sql_root
+from .db import configure, connect, describe, sql_root
 from .errors import MigrationError
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ async def migrate_connection(
             unknown = sorted(set(applied) - known)
             if unknown:
                 raise MigrationError(
-                    f"the database has migrations this autoembed does not know ({', '.join(unknown)}): "
-                    "it was migrated by a newer version; upgrade autoembed"
+                    "the database has migrations this autoembed does not know "
+                    f"({', '.join(unknown)}): a newer version migrated it; upgrade autoembed"
                 )
             for path in files:
                 digest = checksum(path)
@@ -82,14 +82,14 @@ async def migrate_connection(
                     report.already.append(path.stem)
                     continue
                 log.info("applying migration %s", path.name)
-                await conn.execute(path.read_text())  # type: ignore[arg-type]
+                await conn.execute(path.read_text())
                 await conn.execute(
                     "INSERT INTO autoembed.schema_migrations (version, checksum) VALUES (%s, %s)",
                     (path.stem, digest),
                 )
                 report.applied.append(path.stem)
             for path in repeatable_files(root):
-                await conn.execute(path.read_text())  # type: ignore[arg-type]
+                await conn.execute(path.read_text())
                 report.repeatable.append(path.stem)
     except MigrationError:
         raise

@@ -114,8 +114,15 @@ class EmbeddedPostgres:
             os.chown(self.data_dir, entry.pw_uid, entry.pw_gid)
         self.data_dir.chmod(0o700)
         done = self._run(
-            "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-            "--encoding=UTF8", "--locale=C", "--no-sync",
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
         )
         if done.returncode:
             raise DatabaseError(f"initdb failed: {done.stderr.strip() or done.stdout.strip()}")
@@ -125,12 +132,21 @@ class EmbeddedPostgres:
         started = time.perf_counter()
         options = (
             f"-h 127.0.0.1 -p {self.port} -k {self.data_dir} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            "-c fsync=off -c full_page_writes=off "
             "-c max_connections=200 -c shared_buffers=128MB"
         )
         done = self._run(
-            "pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "-o", options,
-            "-l", str(self.data_dir / "server.log"), "start",
+            "pg_ctl",
+            "-D",
+            str(self.data_dir),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            options,
+            "-l",
+            str(self.data_dir / "server.log"),
+            "start",
         )
         if done.returncode:
             log_text = ""

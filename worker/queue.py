@@ -50,7 +50,7 @@ class Watch:
     @property
     def pk_array(self) -> sql.Composable:
         # pk_type comes from format_type() in the catalog: a type name PostgreSQL quoted itself
-        return sql.SQL("{}[]").format(sql.SQL(self.pk_type))  # type: ignore[arg-type]
+        return sql.SQL("{}[]").format(sql.SQL(self.pk_type))
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,10 @@ class Queue:
                     "worker": token,
                 },
             )
-            return [Job(*row, token=token) for row in await cur.fetchall()]
+            return [
+                Job(id=r[0], watch_id=r[1], pk=r[2], generation=r[3], attempts=r[4], token=token)
+                for r in await cur.fetchall()
+            ]
 
     async def read_texts(self, watch: Watch, pks: Sequence[str]) -> dict[str, str | None]:
         query = sql.SQL(
@@ -215,8 +218,12 @@ class Queue:
                         "WHERE t.{pk} = v.pk AND t.{content}::text = v.content "
                         "RETURNING t.{pk}::text"
                     ).format(
-                        table=watch.table, column=column, pks=watch.pk_array, vt=value_type,
-                        pk=pk, content=content,
+                        table=watch.table,
+                        column=column,
+                        pks=watch.pk_array,
+                        vt=value_type,
+                        pk=pk,
+                        content=content,
                     ),
                     (write_pks, [texts[p] for p in write_pks], [results[p] for p in write_pks]),
                 )
@@ -228,8 +235,9 @@ class Queue:
                         "WHERE t.{pk} = ANY(%s::{pks}) "
                         "AND (t.{content} IS NULL OR t.{content}::text = '') "
                         "AND t.{column} IS NOT NULL"
-                    ).format(table=watch.table, column=column, pk=pk, pks=watch.pk_array,
-                             content=content),
+                    ).format(
+                        table=watch.table, column=column, pk=pk, pks=watch.pk_array, content=content
+                    ),
                     (empty,),
                 )
                 # rows already without a vector need no write; all of them are done
@@ -240,8 +248,10 @@ class Queue:
             if finished:
                 await conn.execute(
                     q("complete"),
-                    {"ids": [j.id for j in finished],
-                     "generations": [j.generation for j in finished]},
+                    {
+                        "ids": [j.id for j in finished],
+                        "generations": [j.generation for j in finished],
+                    },
                 )
                 await conn.execute(
                     q("record_throughput"),
@@ -264,8 +274,13 @@ class Queue:
         async with self.pool.connection() as conn:
             cur = await conn.execute(
                 q("fail"),
-                {"id": job.id, "generation": job.generation, "error": error[:2000],
-                 "delay": delay, "max_attempts": max_attempts},
+                {
+                    "id": job.id,
+                    "generation": job.generation,
+                    "error": error[:2000],
+                    "delay": delay,
+                    "max_attempts": max_attempts,
+                },
             )
             row = await cur.fetchone()
             return row[0] if row else "requeued"

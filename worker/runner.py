@@ -59,6 +59,7 @@ class Worker:
         self._factory = embedder_factory or self._load_embedder
         self.embedders: dict[str, Embedder] = {}
         self.model_errors: dict[str, str] = {}
+        self._loading: dict[str, asyncio.Lock] = {}
         self.watches: dict[int, Watch] = {}
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
@@ -91,23 +92,28 @@ class Worker:
     def _load_embedder(self, model: str) -> Embedder:
         s = self.settings
         return Embedder.load(
-            model, device=s.device, precision=s.precision, threads=s.threads  # type: ignore[arg-type]
+            model,
+            device=s.device,
+            precision=s.precision,
+            threads=s.threads,
         )
 
     async def embedder(self, model: str) -> Embedder | None:
-        if model in self.embedders:
-            return self.embedders[model]
-        if model in self.model_errors:
-            return None
-        try:
-            emb = await asyncio.to_thread(self._factory, model)
-        except AutoembedError as exc:
-            self.model_errors[model] = str(exc)
-            log.error("cannot load model %s, its watches are not served: %s", model, exc)
-            return None
-        self.embedders[model] = emb
-        self.metrics.track(model, emb.stats)
-        return emb
+        """The loaded model of that name, loading it once (None if it cannot be loaded)."""
+        async with self._loading.setdefault(model, asyncio.Lock()):
+            if model in self.embedders:
+                return self.embedders[model]
+            if model in self.model_errors:
+                return None
+            try:
+                emb = await asyncio.to_thread(self._factory, model)
+            except AutoembedError as exc:
+                self.model_errors[model] = str(exc)
+                log.error("cannot load model %s, its watches are not served: %s", model, exc)
+                return None
+            self.embedders[model] = emb
+            self.metrics.track(model, emb.stats)
+            return emb
 
     def llm(self) -> Any:
         if self._llm is None:
@@ -115,7 +121,9 @@ class Worker:
 
             mode = self.settings.llm_mode
             self._llm = LLMClient(
-                self.settings.llm_host, mode, retries=self.settings.llm_retries  # type: ignore[arg-type]
+                self.settings.llm_host,
+                mode,
+                retries=self.settings.llm_retries,
             )
         return self._llm
 
@@ -137,7 +145,8 @@ class Worker:
     def servable(self, lane: str) -> list[int]:
         if lane == "embed":
             return [
-                w.id for w in self.watches.values()
+                w.id
+                for w in self.watches.values()
                 if w.model in self.embedders and w.model not in self.model_errors
             ]
         return [w.id for w in self.watches.values() if w.summary_column and w.llm_model]
@@ -205,7 +214,8 @@ class Worker:
                     loop.remove_signal_handler(sig)
         log.info(
             "worker stopped: %d row(s) done, %d job(s) failed for good",
-            self.done_rows, self.failed_jobs,
+            self.done_rows,
+            self.failed_jobs,
         )
         return 0
 
@@ -238,8 +248,11 @@ class Worker:
 
         counts = await self.queue.outstanding(list(self.watches), ["embed", "summary"])
         self._bar = tqdm(
-            total=counts["pending"] + counts["running"], unit="row", desc="embedding",
-            dynamic_ncols=True, smoothing=0.1,
+            total=counts["pending"] + counts["running"],
+            unit="row",
+            desc="embedding",
+            dynamic_ncols=True,
+            smoothing=0.1,
         )
 
     # ------------------------------------------------------------------ slots
@@ -254,8 +267,10 @@ class Worker:
                     self._refresh_needed = False
                     await self.refresh_watches()
                 watch_ids = self.servable(lane)
-                jobs = await self.queue.claim(lane, watch_ids, limit, lease) if watch_ids else []
-                self._db_up()
+                jobs = []
+                if watch_ids:
+                    jobs = await self.queue.claim(lane, watch_ids, limit, lease)
+                    self._db_up()
             except DB_ERRORS as exc:
                 await self._db_down(exc)
                 continue
@@ -297,10 +312,8 @@ class Worker:
         timeout = self.settings.poll_seconds
         if self._next_due is not None:
             timeout = max(0.01, min(timeout, self._next_due - time.monotonic()))
-        try:
+        with suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout)
-        except TimeoutError:
-            pass
         self.wake.clear()
 
     async def _drained(self) -> bool:
@@ -331,7 +344,7 @@ class Worker:
 
     def _delay(self, attempts: int) -> float:
         s = self.settings
-        base = min(s.backoff_max_seconds, s.backoff_seconds * 2 ** max(attempts, 0))
+        base = min(s.backoff_max_seconds, s.backoff_seconds * 2.0 ** max(attempts, 0))
         return base * random.uniform(0.5, 1.5)
 
     async def _fail(self, job: Job, lane: str, error: str, final: bool = False) -> None:
@@ -350,7 +363,9 @@ class Worker:
         if self._bar is not None:
             self._bar.update(n)
         if stale:
-            log.info("%s: %d row(s) changed while being processed; queued again", watch.label, stale)
+            log.info(
+                "%s: %d row(s) changed while being processed; queued again", watch.label, stale
+            )
 
     # ------------------------------------------------------------------ embedding
 
@@ -385,7 +400,9 @@ class Worker:
                 vectors = await asyncio.to_thread(emb.embed, [todo[p] for p in pks])
                 return dict(zip(pks, vectors, strict=True)), {}
             except Exception as exc:
-                log.warning("a batch of %d failed (%s); embedding its texts one by one", len(pks), exc)
+                log.warning(
+                    "a batch of %d failed (%s); embedding its texts one by one", len(pks), exc
+                )
             good: dict[str, np.ndarray] = {}
             bad: dict[str, str] = {}
             for p in pks:
@@ -446,11 +463,15 @@ class Worker:
                     last_beat = now
                 if self.orphans:
                     await self.queue.release_claims(self.orphans)
-                    log.info("released %d job(s) left unfinished by a lost connection", len(self.orphans))
+                    log.info(
+                        "released %d job(s) left unfinished by a lost connection", len(self.orphans)
+                    )
                     self.orphans = Claims()
                 reaped = await self.queue.reap()
                 if reaped:
-                    log.warning("%d job(s) outlived their lease (a worker died?); queued again", reaped)
+                    log.warning(
+                        "%d job(s) outlived their lease (a worker died?); queued again", reaped
+                    )
                 if now - last_prune > 60:
                     await self.queue.prune()
                     last_prune = now

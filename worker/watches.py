@@ -4,6 +4,7 @@ functions of ``sql/30_watch.sql``; this module adds what only the worker's side 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Mapping
@@ -37,12 +38,12 @@ async def ensure_model(conn: psycopg.AsyncConnection[Any], model: str) -> str:
     cur = await conn.execute("SELECT dim FROM autoembed.models WHERE name = %s", (key,))
     if await cur.fetchone() is not None:
         return key
-    if lookup(key) is None and not Path(key).is_dir():
+    if lookup(key) is None and not await asyncio.to_thread(Path(key).is_dir):
         return key  # let autoembed.watch() refuse it with the list of known models
     from .engine import Embedder
 
     log.info("loading %s to learn its dimension", key)
-    emb = Embedder.load(key, device="cpu")
+    emb = await asyncio.to_thread(Embedder.load, key, device="cpu")
     await conn.execute(
         "SELECT autoembed.register_model(%s, %s, %s, %s)",
         (key, emb.dim, emb.max_tokens, f"model directory {key}"),
@@ -69,8 +70,17 @@ async def watch(
             "SELECT autoembed.watch(source => %s::regclass, content_column => %s, "
             "embedding_column => %s, model => %s, match_function => %s, summary_column => %s, "
             "llm_model => %s, llm_prompt => %s, llm_options => %s::jsonb)",
-            (table, column, embedding_column, key, match_function, summary_column, llm_model,
-             llm_prompt, json.dumps(dict(llm_options or {}))),
+            (
+                table,
+                column,
+                embedding_column,
+                key,
+                match_function,
+                summary_column,
+                llm_model,
+                llm_prompt,
+                json.dumps(dict(llm_options or {})),
+            ),
         )
         row = await cur.fetchone()
         assert row is not None

@@ -21,6 +21,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -103,7 +104,8 @@ def load_safetensors(path: Path) -> dict[str, np.ndarray]:
     except Exception as exc:
         raise ModelError(f"cannot read weights {path}: {exc}") from exc
     weights: dict[str, np.ndarray] = {}
-    for key, value in raw.items():
+    for raw_key, value in raw.items():
+        key = raw_key
         for prefix in ("bert.", "model.", "roberta."):
             if key.startswith(prefix):
                 key = key[len(prefix) :]
@@ -170,7 +172,7 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], domain: str = "", **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], domain: str = "", **attrs: Any) -> str:
         self._n += 1
         out = f"{op_type.lower()}_{self._n}"
         self.nodes.append(
@@ -193,9 +195,10 @@ class _Graph:
 def _embeddings(g: _Graph, cfg: BertConfig) -> str:
     word = g.const("emb.word", g.w("embeddings.word_embeddings.weight"))
     # token_type_ids are always 0 for a single text: fold that row into the position table
-    pos_table = g.w("embeddings.position_embeddings.weight") + g.w(
-        "embeddings.token_type_embeddings.weight"
-    )[0]
+    pos_table = (
+        g.w("embeddings.position_embeddings.weight")
+        + g.w("embeddings.token_type_embeddings.weight")[0]
+    )
     pos = g.const("emb.pos_type", pos_table)
     words = g.op("Gather", [word, "input_ids"], axis=0)
     seq = g.op("Shape", ["input_ids"], start=1, end=2)
@@ -204,9 +207,7 @@ def _embeddings(g: _Graph, cfg: BertConfig) -> str:
     summed = g.op("Add", [words, positions])
     gamma = g.const("emb.ln.g", g.w("embeddings.LayerNorm.weight"))
     beta = g.const("emb.ln.b", g.w("embeddings.LayerNorm.bias"))
-    return g.op(
-        "LayerNormalization", [summed, gamma, beta], axis=-1, epsilon=cfg.layer_norm_eps
-    )
+    return g.op("LayerNormalization", [summed, gamma, beta], axis=-1, epsilon=cfg.layer_norm_eps)
 
 
 def _gelu(g: _Graph, x: str, act: str) -> str:

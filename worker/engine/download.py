@@ -91,7 +91,9 @@ def download_file(
     except RetryError as exc:
         dest.unlink(missing_ok=True)
         cause = exc.last_attempt.exception()
-        raise ModelNotAvailable(f"download of {url} failed after {attempts} tries: {cause}") from exc
+        raise ModelNotAvailable(
+            f"download of {url} failed after {attempts} tries: {cause}"
+        ) from exc
     except BaseException:
         dest.unlink(missing_ok=True)
         raise

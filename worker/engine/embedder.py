@@ -15,10 +15,9 @@ import numpy as np
 
 from ..errors import EmbeddingError, ModelError
 from .pooling import normalize as l2_normalize
-from .pooling import pool
 from .registry import DEFAULT_MODEL
 from .resolve import ModelFiles, cache_root, resolve
-from .session import Device, Precision, create_session, pick_device, prepare_graph
+from .session import POOLED, Device, Precision, create_session, pick_device, prepare_graph
 from .tokenize import Encoded, TextTokenizer, pad, token_budget_batches
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,6 @@ class Embedder:
             time.perf_counter() - started,
         )
         self._inputs = {i.name for i in self.session.get_inputs()}
-        self.output_name = self.session.get_outputs()[0].name
         self.token_budget = token_budget or (32768 if self.device == "cuda" else 2048)
         self.max_batch = max_batch or (256 if self.device == "cuda" else 128)
         self.stats = EmbedStats()
@@ -116,11 +114,12 @@ class Embedder:
     def encode(self, texts: Sequence[str]) -> Encoded:
         return self.tokenizer.encode(texts)
 
-    def _run(self, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run(self, input_ids: np.ndarray, mask: np.ndarray, how: str) -> np.ndarray:
+        """One batch through the graph: its pooled (batch, dim) output, float32."""
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
-        out: np.ndarray = self.session.run([self.output_name], feeds)[0]
+        out: np.ndarray = self.session.run([POOLED[how]], feeds)[0]
         return out
 
     def embed_encoded(
@@ -136,17 +135,18 @@ class Embedder:
         for index in batches:
             input_ids, mask = pad(enc.ids, index, enc.lengths)
             try:
-                hidden = self._run(input_ids, mask)
+                vectors = self._run(input_ids, mask, how)
             except Exception as exc:
                 raise EmbeddingError(f"{self.name}: inference failed: {exc}") from exc
-            vectors = pool(hidden, mask, how)
             if normalize:
                 vectors = l2_normalize(vectors)
             if result is None:
                 result = np.empty((n, vectors.shape[1]), dtype=np.float32)
             result[index] = vectors
         assert result is not None
-        self.stats.add(n, enc.total_tokens, enc.truncated, len(batches), time.perf_counter() - started)
+        self.stats.add(
+            n, enc.total_tokens, enc.truncated, len(batches), time.perf_counter() - started
+        )
         return result
 
     def embed(

@@ -95,11 +95,7 @@ def inspect(root: Path, name: str | None = None, spec: ModelSpec | None = None) 
         raise ModelError(f"model directory {root} does not exist")
     tokenizer = root / "tokenizer.json"
     onnx_path = next(
-        (
-            p
-            for p in (root / "onnx" / "model.onnx", root / "model.onnx")
-            if p.is_file()
-        ),
+        (p for p in (root / "onnx" / "model.onnx", root / "model.onnx") if p.is_file()),
         None,
     )
     quantized = root / "onnx" / "model_quantized.onnx"

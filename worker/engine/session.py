@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "int8", "fp16"]
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
+POOLED = {"mean": "autoembed_mean", "cls": "autoembed_cls"}
 
 
 class _Quiet(logging.Filter):
@@ -185,8 +186,70 @@ def _to_fp16(fp32: Path, dest: Path) -> Path:
     return dest
 
 
+def _hidden_output(model: onnx.ModelProto) -> str:
+    names = [str(o.name) for o in model.graph.output]
+    if "last_hidden_state" in names:
+        return "last_hidden_state"
+    for out in model.graph.output:
+        if len(out.type.tensor_type.shape.dim) == 3:
+            return str(out.name)
+    raise ModelError("the ONNX graph has no (batch, sequence, hidden) output to pool")
+
+
+def add_pooling(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Append mean pooling (over the attention mask) and CLS pooling to a graph, as two
+    extra (batch, hidden) outputs. Only they leave the session: the token states stay where
+    they were computed (on a GPU, a batch of them is hundreds of MB)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    hidden = _hidden_output(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    g = model.graph
+    p = "autoembed_pool_"
+    consts: dict[str, np.ndarray] = {
+        f"{p}axis1": np.array([1], np.int64),
+        f"{p}axis2": np.array([2], np.int64),
+        f"{p}eps": np.array(1e-9, np.float32),
+        f"{p}zero": np.array(0, np.int64),
+    }
+    g.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+
+    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> None:
+        g.node.append(helper.make_node(op, inputs, [out], name=out, **attrs))
+
+    def reduce_sum(x: str, out: str, keepdims: int) -> None:
+        if opset >= 13:
+            node("ReduceSum", [x, f"{p}axis1"], out, keepdims=keepdims)
+        else:
+            node("ReduceSum", [x], out, axes=[1], keepdims=keepdims)
+
+    node("Cast", ["attention_mask"], f"{p}mask", to=TensorProto.FLOAT)
+    if opset >= 13:
+        node("Unsqueeze", [f"{p}mask", f"{p}axis2"], f"{p}mask3")
+    else:
+        node("Unsqueeze", [f"{p}mask"], f"{p}mask3", axes=[2])
+    node("Cast", [hidden], f"{p}hidden", to=TensorProto.FLOAT)
+    node("Mul", [f"{p}hidden", f"{p}mask3"], f"{p}masked")
+    reduce_sum(f"{p}masked", f"{p}sum", 0)
+    reduce_sum(f"{p}mask", f"{p}count", 1)
+    node("Max", [f"{p}count", f"{p}eps"], f"{p}count1")
+    node("Div", [f"{p}sum", f"{p}count1"], POOLED["mean"])
+    node("Gather", [f"{p}hidden", f"{p}zero"], POOLED["cls"], axis=1)
+    for name in POOLED.values():
+        g.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", None]))
+    return model
+
+
+def _pooled(source: Path, dest: Path) -> Path:
+    if not dest.is_file():
+        _save_atomic(add_pooling(onnx.load(str(source))), dest)
+    return dest
+
+
 def prepare_graph(files: ModelFiles, precision: Precision, cache: Path) -> Path:
-    """The ONNX file to run for this model and precision, building it if needed."""
+    """The ONNX file to run for this model and precision, building it if needed: the
+    model's graph (built from safetensors, or as given, fused where that changes nothing),
+    quantized or halved as asked, with pooling appended."""
     source = files.weights
     key = f"{file_sha256(source)[:24]}-v{BUILDER_VERSION}"
     folder = cache / "graphs" / key
@@ -200,10 +263,12 @@ def prepare_graph(files: ModelFiles, precision: Precision, cache: Path) -> Path:
             cfg = BertConfig.from_file(files.config)
             _save_atomic(build_bert(cfg, load_safetensors(source), fused=True), fp32)
     if precision == "int8":
-        return _quantize_int8(fp32, folder / "int8.onnx")
-    if precision == "fp16":
-        return _to_fp16(fp32, folder / "fp16.onnx")
-    return fp32
+        graph = _quantize_int8(fp32, folder / "int8.onnx")
+    elif precision == "fp16":
+        graph = _to_fp16(fp32, folder / "fp16.onnx")
+    else:
+        graph = fp32
+    return _pooled(graph, folder / f"{precision}.pooled.onnx")
 
 
 def create_session(path: Path, device: Literal["cpu", "cuda"], threads: int | None) -> Any:

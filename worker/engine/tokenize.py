@@ -66,7 +66,9 @@ def token_budget_batches(
     return batches
 
 
-def pad(ids: list[list[int]], index: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pad(
+    ids: list[list[int]], index: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """``input_ids`` and ``attention_mask`` (int64) for the texts at ``index``."""
     width = int(lengths[index].max()) if len(index) else 0
     input_ids = np.zeros((len(index), width), dtype=np.int64)
