@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -90,6 +91,7 @@ class EditsWhileEmbedding:
     def __init__(self, inner: Embedder, dsn: str) -> None:
         self.inner, self.dsn, self.fired = inner, dsn, threading.Event()
         self.dim, self.stats, self.name = inner.dim, inner.stats, inner.name
+        self.max_tokens, self.encode = inner.max_tokens, inner.encode
 
     def embed(self, texts: list[str], **kw: Any) -> np.ndarray:
         out = self.inner.embed(texts, **kw)
@@ -120,6 +122,7 @@ class Poisoned:
     def __init__(self, inner: Embedder) -> None:
         self.inner = inner
         self.dim, self.stats, self.name = inner.dim, inner.stats, inner.name
+        self.max_tokens, self.encode = inner.max_tokens, inner.encode
 
     def embed(self, texts: list[str], **kw: Any) -> np.ndarray:
         if any("POISON" in t for t in texts):
@@ -191,10 +194,10 @@ async def test_model_change_reembeds_everything(db: Any, db_url: str, minilm: Em
         current = next(iter((await worker.queue.watches()).values()))
         old = dataclasses.replace(current, model="all-minilm-l6-v2")  # what it loaded before
         jobs = await worker.queue.claim("embed", [old.id], 10, 30)
-        texts = await worker.queue.read_texts(old, [j.pk for j in jobs])
-        vecs = dict(zip(texts, minilm.embed(list(texts.values())), strict=True))
+        read = await worker.queue.read_texts(old, [j.pk for j in jobs])
+        vecs = dict(zip(read.text, minilm.embed(list(read.text.values())), strict=True))
         with pytest.raises(ModelChanged, match="refusing to write"):
-            await worker.queue.finish(old, "embed", jobs, texts, vecs)
+            await worker.queue.finish(old, "embed", jobs, read, vecs)
     finally:
         await worker.pool.close()
     assert all(v is None for _, v in (await vectors(db)).values())
@@ -217,3 +220,55 @@ async def test_claim_uses_the_partial_index(db: Any) -> None:
         .replace("%(limit)s", "10"),
     )
     assert "jobs_claim_idx" in str(plan[0][0])
+
+
+async def test_long_texts_read_only_as_much_as_the_model_takes(
+    db: Any, db_url: str, minilm: Embedder
+) -> None:
+    await make_documents(db)
+    await watch_documents(db)
+    long_text = " ".join(f"word{i}" for i in range(20000))  # 150 kB, far past 256 tokens
+    spaced = "start" + " " * 20000 + " ".join(["finish"] * 300)  # one token in the prefix
+    for text in (long_text, spaced):
+        await db.execute("INSERT INTO documents (content) VALUES (%s)", (text,))
+    await drain(db_url, minilm)
+    rows = await vectors(db)
+    assert_matches(minilm, long_text, rows[1][1])
+    assert_matches(minilm, spaced, rows[2][1])  # read again whole: the prefix was not enough
+
+
+class Slow:
+    """A real embedder that takes its time, and says when it has begun."""
+
+    def __init__(self, inner: Embedder) -> None:
+        self.inner, self.started = inner, threading.Event()
+        self.dim, self.stats, self.name = inner.dim, inner.stats, inner.name
+        self.max_tokens, self.encode = inner.max_tokens, inner.encode
+
+    def embed(self, texts: list[str], **kw: Any) -> np.ndarray:
+        self.started.set()
+        time.sleep(0.5)
+        return self.inner.embed(texts, **kw)
+
+
+async def test_shutdown_mid_claim_keeps_the_rest_queued(
+    db: Any, db_url: str, minilm: Embedder
+) -> None:
+    await make_documents(db)
+    await watch_documents(db)
+    await db.execute(
+        "INSERT INTO documents (content) SELECT 'row ' || g FROM generate_series(1, 500) g"
+    )
+    slow = Slow(minilm)
+    worker = Worker(settings(db_url, batch_size=500, concurrency=1), progress=False,
+                    embedder_factory=lambda _n: slow)
+    task = asyncio.create_task(worker.run())
+    await asyncio.to_thread(slow.started.wait, 60)
+    worker.request_stop("test")
+    assert await asyncio.wait_for(task, 30) == 0
+    done = (await fetch(db, "SELECT count(embedding) FROM documents"))[0][0]
+    assert 0 < done < 500  # the chunk in flight was finished and written
+    status = await fetch(db, "SELECT status, count(*) FROM autoembed.jobs GROUP BY status")
+    assert status == [("pending", 500 - done)]  # the rest released at once, none failed
+    await drain(db_url, minilm)
+    assert await fetch(db, "SELECT count(embedding) FROM documents") == [(500,)]

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency", type=int, metavar="N", help="batches in flight in this process (default 2)"
     )
-    p.add_argument("--batch-size", type=int, metavar="N", help="rows per claim (default 128)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="rows per claim (default 512)")
     p.add_argument(
         "--http",
         metavar="HOST:PORT",

@@ -24,7 +24,7 @@ class Settings:
     device: Device = "auto"  # auto | cpu | cuda
     precision: Precision = "fp32"  # fp32 | int8 (CPU) | fp16 (CUDA)
     threads: int | None = None  # ONNX Runtime intra-op threads (default: usable cores)
-    batch_size: int = 128  # rows claimed per round trip
+    batch_size: int = 512  # rows claimed per round trip (sorted by length across the claim)
     concurrency: int = 2  # batches in flight per process (DB I/O overlaps inference)
     lease_seconds: float = 60.0  # a claimed job is retaken by another worker after this
     poll_seconds: float = 5.0  # fallback poll when no notification arrives

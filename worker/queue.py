@@ -102,6 +102,21 @@ class Outcome:
         return len(self.written) + len(self.cleared) + len(self.missing)
 
 
+@dataclass
+class Texts:
+    """What a batch read: the text to work on per primary key (absent: the row is gone),
+    and a hash of each row's whole text, which the write checks again (the stale guard)."""
+
+    text: dict[str, str | None] = field(default_factory=dict)
+    hash: dict[str, int | None] = field(default_factory=dict)
+    cut: set[str] = field(default_factory=set)  # longer than what was read
+
+    def update(self, other: Texts) -> None:
+        self.text.update(other.text)
+        self.hash.update(other.hash)
+        self.cut -= set(other.text)
+
+
 class ModelChanged(Exception):
     """The watch's model changed after the batch was claimed."""
 
@@ -140,27 +155,55 @@ class Queue:
                 for r in await cur.fetchall()
             ]
 
-    async def read_texts(self, watch: Watch, pks: Sequence[str]) -> dict[str, str | None]:
+    async def read_texts(
+        self, watch: Watch, pks: Sequence[str], max_chars: int | None = None
+    ) -> Texts:
+        """The watched text of these rows, at most ``max_chars`` of each (a model reads a
+        few hundred tokens: a 10 MB document need not cross the wire), and its hash."""
         query = sql.SQL(
-            "SELECT {pk}::text, {content}::text FROM {table} WHERE {pk} = ANY(%s::{pks})"
+            "SELECT {pk}::text, left({content}::text, %s), "
+            "hashtextextended({content}::text, 0), length({content}::text) > %s "
+            "FROM {table} WHERE {pk} = ANY(%s::{pks})"
         ).format(
             pk=sql.Identifier(watch.pk_column),
             content=sql.Identifier(watch.content_column),
             table=watch.table,
             pks=watch.pk_array,
         )
+        limit = max_chars or 2**31 - 1
+        out = Texts()
         async with self.pool.connection() as conn:
-            cur = await conn.execute(query, (list(pks),))
-            return {pk: text for pk, text in await cur.fetchall()}
+            cur = await conn.execute(query, (limit, limit, list(pks)))
+            for pk, text, digest, cut in await cur.fetchall():
+                out.text[pk] = text
+                out.hash[pk] = digest
+                if cut:
+                    out.cut.add(pk)
+        return out
 
-    async def read_rows(self, watch: Watch, pks: Sequence[str]) -> dict[str, dict[str, Any]]:
+    async def read_rows(
+        self, watch: Watch, pks: Sequence[str]
+    ) -> tuple[dict[str, dict[str, Any]], Texts]:
         """Whole rows as JSON objects (for prompt templates that use any column)."""
         query = sql.SQL(
-            "SELECT t.{pk}::text, to_jsonb(t) FROM {table} AS t WHERE t.{pk} = ANY(%s::{pks})"
-        ).format(pk=sql.Identifier(watch.pk_column), table=watch.table, pks=watch.pk_array)
+            "SELECT t.{pk}::text, to_jsonb(t), t.{content}::text, "
+            "hashtextextended(t.{content}::text, 0) "
+            "FROM {table} AS t WHERE t.{pk} = ANY(%s::{pks})"
+        ).format(
+            pk=sql.Identifier(watch.pk_column),
+            content=sql.Identifier(watch.content_column),
+            table=watch.table,
+            pks=watch.pk_array,
+        )
+        rows: dict[str, dict[str, Any]] = {}
+        texts = Texts()
         async with self.pool.connection() as conn:
             cur = await conn.execute(query, (list(pks),))
-            return {pk: row for pk, row in await cur.fetchall()}
+            for pk, row, text, digest in await cur.fetchall():
+                rows[pk] = row
+                texts.text[pk] = text
+                texts.hash[pk] = digest
+        return rows, texts
 
     async def _check_model(self, conn: AsyncConnection[Any], watch: Watch, lane: str) -> None:
         cur = await conn.execute("SELECT autoembed.hold_watch(%s, %s)", (watch.id, lane))
@@ -180,16 +223,18 @@ class Queue:
         watch: Watch,
         lane: str,
         jobs: Sequence[Job],
-        texts: Mapping[str, str | None],
+        read: Texts,
         results: Mapping[str, np.ndarray | str],
     ) -> Outcome:
         """Store results and drop the finished jobs, in one short transaction.
 
-        ``texts`` is what was read (pk -> text; absent: the row is gone); ``results`` holds
-        a vector (embed) or a summary (summary) per pk whose text was non-empty. A result
-        is written only where the row's text is still the text it was made from; a job is
+        ``read`` is what was read (absent: the row is gone); ``results`` holds a vector
+        (embed) or a summary (summary) per pk whose text was non-empty. A result is written
+        only where the row's text still hashes as the text it was made from did; a job is
         deleted only if it was not queued again meanwhile (its generation is unchanged).
+        Jobs of ``jobs`` with neither a result nor an empty text are released, unfinished.
         """
+        texts = read.text
         out = Outcome()
         target = watch.embedding_column if lane == "embed" else watch.summary_column
         assert target is not None
@@ -213,9 +258,9 @@ class Queue:
                 cur = await conn.execute(
                     sql.SQL(
                         "UPDATE {table} AS t SET {column} = v.value "
-                        "FROM unnest(%s::{pks}, %s::text[], " + values + "::{vt}[]) "
-                        "AS v(pk, content, value) "
-                        "WHERE t.{pk} = v.pk AND t.{content}::text = v.content "
+                        "FROM unnest(%s::{pks}, %s::bigint[], " + values + "::{vt}[]) "
+                        "AS v(pk, hash, value) "
+                        "WHERE t.{pk} = v.pk AND hashtextextended(t.{content}::text, 0) = v.hash "
                         "RETURNING t.{pk}::text"
                     ).format(
                         table=watch.table,
@@ -225,7 +270,7 @@ class Queue:
                         pk=pk,
                         content=content,
                     ),
-                    (write_pks, [texts[p] for p in write_pks], [results[p] for p in write_pks]),
+                    (write_pks, [read.hash[p] for p in write_pks], [results[p] for p in write_pks]),
                 )
                 out.written = [r[0] for r in await cur.fetchall()]
             if empty:
@@ -243,7 +288,7 @@ class Queue:
                 # rows already without a vector need no write; all of them are done
                 out.cleared = list(empty)
             done = set(out.written) | set(out.cleared) | set(out.missing)
-            out.stale = [j.pk for j in jobs if j.pk not in done]
+            out.stale = [j.pk for j in jobs if j.pk not in done and j.pk in results]
             finished = [j for j in jobs if j.pk in done]
             if finished:
                 await conn.execute(
@@ -257,9 +302,11 @@ class Queue:
                     q("record_throughput"),
                     {"watches": [watch.id], "lanes": [lane], "rows": [len(finished)]},
                 )
-            if out.stale:
-                # read again later: another change to the row is, or will be, queued
-                await self._release(conn, [j for j in jobs if j.pk in out.stale])
+            unfinished = [j for j in jobs if j.pk not in done]
+            if unfinished:
+                # stale (another change to the row is, or will be, queued), or not reached
+                # before a shutdown: pending again, for any worker
+                await self._release(conn, unfinished)
         return out
 
     @staticmethod

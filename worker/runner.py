@@ -33,11 +33,13 @@ from .engine import Embedder
 from .errors import AutoembedError, LLMError, LLMModelMissing
 from .listen import Listener
 from .metrics import Metrics
-from .queue import Claims, Job, ModelChanged, Queue, Watch
+from .queue import Claims, Job, ModelChanged, Queue, Texts, Watch
 
 log = logging.getLogger(__name__)
 
 EmbedderFactory = Callable[[str], Embedder]
+CHARS_PER_TOKEN = 32  # prefix read per token the model takes (a token is ~4 chars of prose)
+EMBED_CHUNK = 64  # texts per inference call: the unit a shutdown waits for
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError)
 
 
@@ -379,38 +381,59 @@ class Worker:
             if watch is None or emb is None:
                 await self.queue.release(group)
                 continue
-            texts = await self.queue.read_texts(watch, [j.pk for j in group])
-            todo = {pk: t for pk, t in texts.items() if t}
+            read = await self._read(watch, emb, [j.pk for j in group])
+            todo = {pk: t for pk, t in read.text.items() if t}
             vectors, errors = await self._embed(emb, todo)
             for job in group:
                 if job.pk in errors:
                     await self._fail(job, "embed", errors[job.pk])
             ok = [j for j in group if j.pk not in errors]
-            out = await self.queue.finish(watch, "embed", ok, texts, vectors)
+            out = await self.queue.finish(watch, "embed", ok, read, vectors)
             self._finished("embed", watch, out.done, len(out.stale))
+
+    async def _read(self, watch: Watch, emb: Embedder, pks: list[str]) -> Texts:
+        """The rows' text, as much of it as the model can read: a generous prefix, and the
+        whole text in the rare case that the prefix holds fewer tokens than the model takes
+        (long runs of whitespace or markup)."""
+        read = await self.queue.read_texts(watch, pks, emb.max_tokens * CHARS_PER_TOKEN)
+        if read.cut:
+            cut = sorted(read.cut)
+            prefixes = [read.text[p] or "" for p in cut]
+            lengths = (await asyncio.to_thread(emb.encode, prefixes)).lengths
+            short = [p for p, n in zip(cut, lengths, strict=True) if n < emb.max_tokens]
+            if short:
+                read.update(await self.queue.read_texts(watch, short))
+        return read
 
     async def _embed(
         self, emb: Embedder, todo: dict[str, str]
     ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        if not todo:
-            return {}, {}
-        pks = list(todo)
-        async with self.engine_lock:
-            try:
-                vectors = await asyncio.to_thread(emb.embed, [todo[p] for p in pks])
-                return dict(zip(pks, vectors, strict=True)), {}
-            except Exception as exc:
-                log.warning(
-                    "a batch of %d failed (%s); embedding its texts one by one", len(pks), exc
-                )
-            good: dict[str, np.ndarray] = {}
-            bad: dict[str, str] = {}
-            for p in pks:
+        """Vectors for the texts, and errors for those that could not be embedded.
+
+        The texts are taken longest first in chunks (little padding across the whole
+        claim); between chunks a shutdown may stop the work, and the rest stays queued."""
+        pks = sorted(todo, key=lambda p: len(todo[p]), reverse=True)
+        good: dict[str, np.ndarray] = {}
+        bad: dict[str, str] = {}
+        for start in range(0, len(pks), EMBED_CHUNK):
+            if self.stop.is_set():
+                break
+            chunk = pks[start : start + EMBED_CHUNK]
+            async with self.engine_lock:
                 try:
-                    good[p] = (await asyncio.to_thread(emb.embed, [todo[p]]))[0]
+                    vectors = await asyncio.to_thread(emb.embed, [todo[p] for p in chunk])
+                    good.update(zip(chunk, vectors, strict=True))
+                    continue
                 except Exception as exc:
-                    bad[p] = f"{type(exc).__name__}: {exc}"
-            return good, bad
+                    log.warning(
+                        "a batch of %d failed (%s); embedding its texts one by one", len(chunk), exc
+                    )
+                for p in chunk:
+                    try:
+                        good[p] = (await asyncio.to_thread(emb.embed, [todo[p]]))[0]
+                    except Exception as exc:
+                        bad[p] = f"{type(exc).__name__}: {exc}"
+        return good, bad
 
     # ------------------------------------------------------------------ summaries
 
@@ -422,10 +445,9 @@ class Worker:
             if watch is None or not watch.llm_model:
                 await self.queue.release([job])
                 continue
-            rows = await self.queue.read_rows(watch, [job.pk])
+            rows, read = await self.queue.read_rows(watch, [job.pk])
             row = rows.get(job.pk)
-            text = None if row is None else row.get(watch.content_column)
-            texts = {} if row is None else {job.pk: None if text is None else str(text)}
+            text = read.text.get(job.pk)
             results: dict[str, Any] = {}
             if row is not None and text:
                 try:
@@ -440,7 +462,7 @@ class Worker:
                 except LLMError as exc:
                     await self._fail(job, "summary", str(exc))
                     continue
-            out = await self.queue.finish(watch, "summary", [job], texts, results)
+            out = await self.queue.finish(watch, "summary", [job], read, results)
             self._finished("summary", watch, out.done, len(out.stale))
 
     # ------------------------------------------------------------------ housekeeping

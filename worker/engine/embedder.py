@@ -4,6 +4,7 @@ pool -> normalise, with vectors returned in the caller's order."""
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -52,6 +53,33 @@ class Embedding:
     truncated: int
 
 
+INFERENCE_NICENESS = 5
+_lowered = threading.local()
+
+
+def _threads() -> set[int]:
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:  # not Linux
+        return set()
+
+
+def _lower_priority(tid: int) -> None:
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(current + INFERENCE_NICENESS, 19))
+    except (OSError, AttributeError):
+        pass
+
+
+def _lower_priority_once() -> None:
+    """Lower the calling thread's priority (once): it runs inference, not the event loop."""
+    if threading.current_thread() is threading.main_thread() or getattr(_lowered, "done", False):
+        return
+    _lowered.done = True
+    _lower_priority(threading.get_native_id())
+
+
 class Embedder:
     """One model loaded on one device. ``embed`` is thread-safe."""
 
@@ -79,7 +107,14 @@ class Embedder:
         self.tokenizer = TextTokenizer(files.tokenizer, files.max_tokens)
         graph = prepare_graph(files, precision, cache or cache_root())
         started = time.perf_counter()
+        before = _threads()
         self.session = create_session(graph, self.device, threads)
+        # ONNX Runtime's own pool threads, and below every thread that runs inference, yield
+        # to the event loop: on a small machine inference would otherwise starve the
+        # database round trips and HTTP requests that should overlap it
+        self._pool_threads = _threads() - before
+        for tid in self._pool_threads:
+            _lower_priority(tid)
         log.info(
             "loaded %s (%s, %s, pooling %s, max %d tokens) in %.2fs",
             self.name,
@@ -116,6 +151,7 @@ class Embedder:
 
     def _run(self, input_ids: np.ndarray, mask: np.ndarray, how: str) -> np.ndarray:
         """One batch through the graph: its pooled (batch, dim) output, float32."""
+        _lower_priority_once()
         feeds = {"input_ids": input_ids, "attention_mask": mask}
         if "token_type_ids" in self._inputs:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
