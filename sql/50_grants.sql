@@ -28,8 +28,9 @@ BEGIN
                        w.pk_column, w.content_column, w.source, role_name);
         EXECUTE format('GRANT UPDATE (%I) ON %s TO %I', w.embedding_column, w.source, role_name);
         IF w.summary_column IS NOT NULL THEN
-            EXECUTE format('GRANT SELECT (%I), UPDATE (%I) ON %s TO %I',
-                           w.summary_column, w.summary_column, w.source, role_name);
+            -- a prompt template may use any column of the row
+            EXECUTE format('GRANT SELECT, UPDATE (%I) ON %s TO %I',
+                           w.summary_column, w.source, role_name);
         END IF;
     END LOOP;
 END
