@@ -97,19 +97,14 @@ DECLARE
     queued bigint;
 BEGIN
     SELECT * INTO STRICT w FROM autoembed.watches x WHERE x.id = watch_id;
-    EXECUTE format(
-        'INSERT INTO autoembed.jobs AS j (watch_id, lane, pk)
-         SELECT $1, l.lane, t.%1$I::text
+    EXECUTE autoembed._enqueue_sql(format(
+        'SELECT $1, l.lane, t.%1$I::text
            FROM %2$s t CROSS JOIN unnest($2::text[]) AS l(lane)
           WHERE t.%3$I IS NOT NULL
             AND (NOT $3 OR (l.lane = ''embed'' AND t.%4$I IS NULL)
-                        OR (l.lane = ''summary'' AND t.%5$I IS NULL))
-         ON CONFLICT (watch_id, lane, pk) DO UPDATE
-            SET status = ''pending'', generation = j.generation + 1, attempts = 0,
-                run_after = now(), leased_until = NULL, worker = NULL, last_error = NULL,
-                updated_at = now()',
+                        OR (l.lane = ''summary'' AND t.%5$I IS NULL))',
         w.pk_column, w.source, w.content_column, w.embedding_column,
-        coalesce(w.summary_column, w.embedding_column))
+        coalesce(w.summary_column, w.embedding_column)))
     USING w.id, autoembed.lanes(w.summary_column), only_missing;
     GET DIAGNOSTICS queued = ROW_COUNT;
     IF queued > 0 THEN

@@ -89,16 +89,7 @@ SELECT job_id, source, lane, pk, attempts, last_error, failed_at
  LIMIT %(limit)s
 
 -- name: enqueue
-INSERT INTO autoembed.jobs AS j (watch_id, lane, pk)
-SELECT %(watch)s, l.lane, p.pk
-  FROM unnest(%(pks)s::text[]) AS p(pk)
- CROSS JOIN unnest(autoembed.lanes(%(summary_column)s::name)) AS l(lane)
-    ON CONFLICT (watch_id, lane, pk) DO UPDATE
-   SET status = 'pending', generation = j.generation + 1, attempts = 0, run_after = now(),
-       leased_until = NULL, worker = NULL, last_error = NULL, updated_at = now()
+SELECT autoembed.enqueue(%(watch)s, %(pks)s::text[])
 
 -- name: drop_jobs
 DELETE FROM autoembed.jobs WHERE watch_id = %(watch)s AND pk = ANY(%(pks)s::text[])
-
--- name: notify
-SELECT pg_notify('autoembed', %(payload)s)

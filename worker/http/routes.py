@@ -182,12 +182,9 @@ async def webhook(request: Request) -> Response:
                         cur = await conn.execute(q("drop_jobs"), {"watch": w.id, "pks": [pk]})
                         dropped += max(cur.rowcount, 0)
                     elif _changed(op, w, row, old):
-                        cur = await conn.execute(
-                            q("enqueue"),
-                            {"watch": w.id, "pks": [pk], "summary_column": w.summary_column},
-                        )
-                        queued += max(cur.rowcount, 0)
-                        await conn.execute(q("notify"), {"payload": str(w.id)})
+                        cur = await conn.execute(q("enqueue"), {"watch": w.id, "pks": [pk]})
+                        row = await cur.fetchone()
+                        queued += int(row[0]) if row else 0
     except psycopg.errors.UndefinedTable as exc:
         raise HTTPError(
             503,
