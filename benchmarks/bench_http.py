@@ -4,7 +4,7 @@ then the engine alone on the same texts in the same run, and the ratio of the tw
     python benchmarks/bench_http.py                       # 200 clients for 30 s
     python benchmarks/bench_http.py --clients 50 --seconds 10 --model all-minilm-l6-v2
 
-The server runs in a subprocess (``python -m worker.cli serve --listen 127.0.0.1:PORT``);
+The server runs in a subprocess (``python -m autoembed.cli serve --listen 127.0.0.1:PORT``);
 the clients are coroutines of this process, each sending one text per request (PostgreSQL
 documentation passages from ``worker/data/pgdocs.jsonl.gz``) and the next as soon as the
 answer comes. They share httpx.AsyncClients of ``--connections-per-client`` connections
@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.engine import Embedder  # noqa: E402
+from autoembed.engine import Embedder  # noqa: E402
 
 CORPUS = ROOT / "worker" / "data" / "pgdocs.jsonl.gz"
 
@@ -76,7 +76,10 @@ JSON_HEADERS = {"content-type": "application/json"}
 
 
 async def load(
-    pools: list[httpx.AsyncClient], texts: list[str], clients: int, seconds: float,
+    pools: list[httpx.AsyncClient],
+    texts: list[str],
+    clients: int,
+    seconds: float,
     max_requests: int,
 ) -> tuple[list[float], list[str], int, float]:
     """Latencies of the answered requests, their texts, errors, and the elapsed time."""
@@ -95,8 +98,9 @@ async def load(
             sent.append(text)
             t0 = time.perf_counter()
             try:
-                r = await client.post("/embed", content=json.dumps({"input": text}),
-                                      headers=JSON_HEADERS)
+                r = await client.post(
+                    "/embed", content=json.dumps({"input": text}), headers=JSON_HEADERS
+                )
                 # a cheap check: parsing 384 floats per answer would cost the load
                 # generator more CPU than the server spends on the request
                 ok = r.status_code == 200 and r.content.startswith(b'{"embedding":[')
@@ -127,10 +131,14 @@ async def drive(
     timeout = httpx.Timeout(args.seconds + 300, connect=60)
     async with contextlib.AsyncExitStack() as stack:
         pools = [
-            await stack.enter_async_context(httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=timeout,
-                verify=False,  # plain HTTP on loopback; skips loading a CA bundle per client
-            ))
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{port}",
+                    limits=limits,
+                    timeout=timeout,
+                    verify=False,  # plain HTTP on loopback; skips loading a CA bundle per client
+                )
+            )
             for _ in range(-(-args.clients // per))
         ]
         await wait_healthy(pools[0], server)
@@ -148,20 +156,38 @@ async def drive(
 def run(args: argparse.Namespace) -> None:
     texts = load_texts()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"machine: {cores} usable core(s) (os.cpu_count() = {os.cpu_count()}); load average "
-          f"{os.getloadavg()[0]:.2f} before (other work on the machine skews both phases)")
-    print(f"model {args.model} on cpu; {args.clients} clients for {args.seconds:g} s on "
-          f"POST /embed, one text per request ({len(texts)} pgdocs passages, "
-          f"mean {np.mean([len(t.split()) for t in texts]):.0f} words)")
+    print(
+        f"machine: {cores} usable core(s) (os.cpu_count() = {os.cpu_count()}); load average "
+        f"{os.getloadavg()[0]:.2f} before (other work on the machine skews both phases)"
+    )
+    print(
+        f"model {args.model} on cpu; {args.clients} clients for {args.seconds:g} s on "
+        f"POST /embed, one text per request ({len(texts)} pgdocs passages, "
+        f"mean {np.mean([len(t.split()) for t in texts]):.0f} words)"
+    )
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "AUTOEMBED_API_KEY")}
-    with tempfile.NamedTemporaryFile(prefix="bench_http-server-", suffix=".log",
-                                     delete=False) as log:
+    with tempfile.NamedTemporaryFile(
+        prefix="bench_http-server-", suffix=".log", delete=False
+    ) as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "serve", "--listen", f"127.0.0.1:{port}",
-             "--model", args.model, "--device", "cpu"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "autoembed.cli",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--model",
+                args.model,
+                "--device",
+                "cpu",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         # the load generator yields the cores to the server (it only has to keep requests
         # outstanding); alone on the machine afterwards, the engine phase is unaffected
@@ -187,15 +213,21 @@ def run(args: argparse.Namespace) -> None:
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99]) if latencies else (np.nan,) * 3
     requests = metric(scraped, "autoembed_http_embed_requests_total")
     calls = metric(scraped, "autoembed_http_engine_calls_total")
-    print(f"http:   {answered} requests answered ({errors} errors) in {elapsed:.1f} s: "
-          f"{http_rate:.1f} requests/s, {http_rate:.1f} texts/s")
-    print(f"        latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
-          f"p99 {p99 * 1000:.0f} ms; {requests / calls:.1f} requests per engine call "
-          f"({requests:.0f} requests, {calls:.0f} engine calls, warm-up included)")
+    print(
+        f"http:   {answered} requests answered ({errors} errors) in {elapsed:.1f} s: "
+        f"{http_rate:.1f} requests/s, {http_rate:.1f} texts/s"
+    )
+    print(
+        f"        latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+        f"p99 {p99 * 1000:.0f} ms; {requests / calls:.1f} requests per engine call "
+        f"({requests:.0f} requests, {calls:.0f} engine calls, warm-up included)"
+    )
     per = min(args.clients, args.connections_per_client)
-    print(f"        load generator: {client_cpu / max(answered + errors, 1) * 1000:.1f} ms CPU "
-          f"per request ({client_cpu:.1f} s in all; {-(-args.clients // per)} httpx "
-          f"client(s) of {per} connections)")
+    print(
+        f"        load generator: {client_cpu / max(answered + errors, 1) * 1000:.1f} ms CPU "
+        f"per request ({client_cpu:.1f} s in all; {-(-args.clients // per)} httpx "
+        f"client(s) of {per} connections)"
+    )
 
     # the engine alone on the texts that were answered, in one call
     emb = Embedder.load(args.model, device="cpu")
@@ -204,12 +236,16 @@ def run(args: argparse.Namespace) -> None:
     emb.embed(done)
     engine_seconds = time.perf_counter() - started
     engine_rate = answered / engine_seconds
-    print(f"engine: {answered} texts in {engine_seconds:.1f} s: {engine_rate:.1f} texts/s "
-          f"(Embedder.embed, batched by the engine itself)")
+    print(
+        f"engine: {answered} texts in {engine_seconds:.1f} s: {engine_rate:.1f} texts/s "
+        f"(Embedder.embed, batched by the engine itself)"
+    )
     ratio = http_rate / engine_rate
     verdict = "meets" if ratio >= 0.9 else "misses"
-    print(f"ratio:  http texts/s / engine texts/s = {ratio:.2f} ({verdict} the 0.9 target); "
-          f"load average {os.getloadavg()[0]:.2f} after")
+    print(
+        f"ratio:  http texts/s / engine texts/s = {ratio:.2f} ({verdict} the 0.9 target); "
+        f"load average {os.getloadavg()[0]:.2f} after"
+    )
 
 
 def main() -> None:
@@ -217,14 +253,24 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=200, help="concurrent clients (default 200)")
     p.add_argument("--seconds", type=float, default=30.0, help="load duration (default 30)")
     p.add_argument("--model", default="all-minilm-l6-v2")
-    p.add_argument("--connections-per-client", type=int, default=10, metavar="N",
-                   help="connections per httpx.AsyncClient (default 10; 200: one client)")
-    p.add_argument("--max-requests", type=int, default=100_000,
-                   help="stop after this many requests, whatever the time (default 100000)")
+    p.add_argument(
+        "--connections-per-client",
+        type=int,
+        default=10,
+        metavar="N",
+        help="connections per httpx.AsyncClient (default 10; 200: one client)",
+    )
+    p.add_argument(
+        "--max-requests",
+        type=int,
+        default=100_000,
+        help="stop after this many requests, whatever the time (default 100000)",
+    )
     args = p.parse_args()
     if min(args.clients, args.seconds, args.max_requests, args.connections_per_client) <= 0:
-        p.error("--clients, --seconds, --max-requests and --connections-per-client must be "
-                "positive")
+        p.error(
+            "--clients, --seconds, --max-requests and --connections-per-client must be positive"
+        )
     run(args)
 
 

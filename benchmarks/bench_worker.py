@@ -28,13 +28,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from autoembed.config import Settings
+from autoembed.db import connect
+from autoembed.engine import Embedder
+from autoembed.migrate import migrate
+from autoembed.runner import Worker
+from autoembed.watches import watch
+
 from benchmarks.common import ROOT, cores, passages
-from worker.config import Settings
-from worker.db import connect
-from worker.engine import Embedder
-from worker.migrate import migrate
-from worker.runner import Worker
-from worker.watches import watch
 
 MODEL = "all-minilm-l6-v2"
 
@@ -45,7 +46,7 @@ class NoOp:
 
     def __init__(self, dim: int = 384) -> None:
         self.dim, self.name, self.max_tokens = dim, "noop", 512
-        from worker.engine import EmbedStats
+        from autoembed.engine import EmbedStats
 
         self.stats = EmbedStats()
         v = np.random.default_rng(0).standard_normal((4096, dim)).astype(np.float32)
@@ -176,7 +177,7 @@ def bench_rss(admin: str, sizes: list[int]) -> None:
             [
                 sys.executable,
                 "-m",
-                "worker.cli",
+                "autoembed.cli",
                 "run",
                 "--drain",
                 "--no-progress",
@@ -227,7 +228,7 @@ def main() -> None:
         if args.rss:
             bench_rss(admin, [2000, 20000])
         return
-    from worker.pgserver import EmbeddedPostgres
+    from autoembed.pgserver import EmbeddedPostgres
 
     with EmbeddedPostgres() as pg:
         asyncio.run(main_async(args, pg.url))

@@ -29,7 +29,7 @@ def passages(n: int) -> list[str]:
 def gte_shaped_dir(cache: Path) -> Path:
     """gte-small's tokenizer and config with builder-made weights: it costs what gte-small
     costs (same shape), in Supabase's ONNX layout."""
-    from worker.engine.bert_onnx import BertConfig, build_bert, random_weights
+    from autoembed.engine.bert_onnx import BertConfig, build_bert, random_weights
 
     target = cache / "gte-small-shaped"
     model = target / "onnx" / "model.onnx"

@@ -71,7 +71,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             with PostgresContainer("pgvector/pgvector:pg17", driver=None) as pg:
                 yield Server(pg.get_connection_url())
             return
-    from worker.pgserver import EmbeddedPostgres
+    from autoembed.pgserver import EmbeddedPostgres
 
     pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
     pg.start()
@@ -98,14 +98,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def minilm(cache_dir: Path) -> Any:
     """all-MiniLM-L6-v2 from the installed PyPI package, through the safetensors path."""
-    from worker.engine import Embedder
+    from autoembed.engine import Embedder
 
     return Embedder.load("all-minilm-l6-v2", device="cpu")
 
 
 @pytest.fixture(scope="session")
 def template(server: Server) -> str:
-    from worker.migrate import migrate
+    from autoembed.migrate import migrate
 
     with psycopg.connect(server.url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(TEMPLATE)))
@@ -133,7 +133,7 @@ def db_url(server: Server, template: str) -> Iterator[str]:
 
 @pytest.fixture
 async def db(db_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-    from worker.db import connect
+    from autoembed.db import connect
 
     conn = await connect(db_url)
     try:
@@ -166,4 +166,4 @@ def worker_env(dsn: str, **extra: str) -> dict[str, str]:
     return env
 
 
-AUTOEMBED = [sys.executable, "-m", "worker.cli"]
+AUTOEMBED = [sys.executable, "-m", "autoembed.cli"]

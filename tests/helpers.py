@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 import psycopg
-
-from worker.config import Settings
-from worker.engine import Embedder
-from worker.runner import Worker
+from autoembed.config import Settings
+from autoembed.engine import Embedder
+from autoembed.runner import Worker
 
 
 async def make_documents(conn: psycopg.AsyncConnection[Any], table: str = "documents") -> None:
@@ -33,7 +32,7 @@ async def make_documents(conn: psycopg.AsyncConnection[Any], table: str = "docum
 async def watch_documents(
     conn: psycopg.AsyncConnection[Any], table: str = "documents", **kwargs: Any
 ) -> int:
-    from worker.watches import watch
+    from autoembed.watches import watch
 
     info = await watch(conn, table, "content", model="all-minilm-l6-v2", **kwargs)
     # the vector column exists now: log each write of a non-null vector

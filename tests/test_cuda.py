@@ -10,9 +10,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-
-from worker.engine import Embedder
-from worker.engine.resolve import resolve
+from autoembed.engine import Embedder
+from autoembed.engine.resolve import resolve
 
 from .test_engine import REFERENCE, cosine, make_gte_dir
 

@@ -10,10 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
-from worker.engine.registry import ModelSpec, RemoteFile
-from worker.engine.resolve import resolve
-from worker.errors import ChecksumMismatch, ModelNotAvailable
+from autoembed.engine.registry import ModelSpec, RemoteFile
+from autoembed.engine.resolve import resolve
+from autoembed.errors import ChecksumMismatch, ModelNotAvailable
 
 from .conftest import DATA
 

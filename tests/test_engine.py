@@ -10,12 +10,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from autoembed.engine import Embedder
+from autoembed.engine.bert_onnx import BertConfig, build_bert, load_safetensors, random_weights
+from autoembed.engine.resolve import inspect, resolve
+from autoembed.errors import EmbeddingError, ModelError
 from safetensors.numpy import save_file
-
-from worker.engine import Embedder
-from worker.engine.bert_onnx import BertConfig, build_bert, load_safetensors, random_weights
-from worker.engine.resolve import inspect, resolve
-from worker.errors import EmbeddingError, ModelError
 
 from .conftest import AUTOEMBED, DATA, ROOT
 
@@ -79,8 +78,8 @@ def test_fused_graph_equals_plain_graph(minilm: Embedder) -> None:
     plain = build_bert(cfg, load_safetensors(files.safetensors), fused=False)
     sess = ort.InferenceSession(plain.SerializeToString(), providers=["CPUExecutionProvider"])
     enc = minilm.encode([r["text"] for r in REFERENCE[:16]])
-    from worker.engine.pooling import normalize
-    from worker.engine.tokenize import pad
+    from autoembed.engine.pooling import normalize
+    from autoembed.engine.tokenize import pad
 
     def pool(hidden: np.ndarray, mask: np.ndarray, _how: str) -> np.ndarray:
         m = mask.astype(np.float32)[:, :, None]  # mean over the mask, as sentence-transformers

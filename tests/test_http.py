@@ -23,14 +23,12 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
-from psycopg_pool import AsyncConnectionPool
-
-from worker.batcher import Batcher, TextRejected
-from worker.config import Settings
-from worker.db import configure
-from worker.engine import Embedder
-from worker.errors import ConfigError
-from worker.http import (
+from autoembed.batcher import Batcher, TextRejected
+from autoembed.config import Settings
+from autoembed.db import configure
+from autoembed.engine import Embedder
+from autoembed.errors import ConfigError
+from autoembed.http import (
     TRUNCATED_HEADER,
     HttpServer,
     Service,
@@ -39,9 +37,10 @@ from worker.http import (
     serve,
     serve_with_worker,
 )
-from worker.runner import Worker
+from autoembed.runner import Worker
+from psycopg_pool import AsyncConnectionPool
 
-AUTOEMBED = [sys.executable, "-m", "worker.cli"]  # as conftest.AUTOEMBED
+AUTOEMBED = [sys.executable, "-m", "autoembed.cli"]  # as conftest.AUTOEMBED
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -51,8 +50,13 @@ LONG_TEXT = "PostgreSQL keeps embeddings next to the rows they describe. " * 60
 
 def make_settings(**overrides: Any) -> Settings:
     base: dict[str, Any] = {
-        "model": MODEL, "device": "cpu", "api_key": KEY, "max_inputs": 8,
-        "max_body_bytes": 64 * 1024, "poll_seconds": 0.2, "shutdown_seconds": 5.0,
+        "model": MODEL,
+        "device": "cpu",
+        "api_key": KEY,
+        "max_inputs": 8,
+        "max_body_bytes": 64 * 1024,
+        "poll_seconds": 0.2,
+        "shutdown_seconds": 5.0,
         "batch_size": 16,
     }
     base.update(overrides)
@@ -88,7 +92,11 @@ async def api(minilm: Embedder) -> AsyncIterator[Api]:
 async def db_api(db_url: str, minilm: Embedder) -> AsyncIterator[Api]:
     """The API with a pool on the test's database (for /webhook)."""
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url, min_size=1, max_size=4, kwargs={"autocommit": True}, configure=configure,
+        db_url,
+        min_size=1,
+        max_size=4,
+        kwargs={"autocommit": True},
+        configure=configure,
         open=False,
     )
     await pool.open(wait=True)
@@ -138,8 +146,16 @@ async def test_embed_matches_the_command_line(api: Api, minilm: Embedder, cache_
     served = np.array(r.json()["embedding"])
     assert served.shape == (384,)
     proc = await asyncio.create_subprocess_exec(
-        *AUTOEMBED, "embed", "--model", MODEL, "--device", "cpu", text,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ),
+        *AUTOEMBED,
+        "embed",
+        "--model",
+        MODEL,
+        "--device",
+        "cpu",
+        text,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ),
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode == 0, err.decode()
@@ -169,8 +185,7 @@ async def test_embed_lists_options_and_truncation(api: Api, minilm: Embedder) ->
 
 async def test_openai_compatible(api: Api, minilm: Embedder) -> None:
     texts = ["hello world", "vacuum reclaims storage"]
-    r = await api.client.post("/v1/embeddings", json={"model": MODEL, "input": texts},
-                              headers=AUTH)
+    r = await api.client.post("/v1/embeddings", json={"model": MODEL, "input": texts}, headers=AUTH)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "list" and body["model"] == MODEL
@@ -183,19 +198,26 @@ async def test_openai_compatible(api: Api, minilm: Embedder) -> None:
     assert r.headers[TRUNCATED_HEADER] == "0"
 
     # base64: little-endian float32 bytes; a registry alias names the same model; a string
-    request = {"model": "sentence-transformers/all-MiniLM-L6-v2", "input": texts[0],
-               "encoding_format": "base64", "dimensions": 384, "user": "pgai"}
+    request = {
+        "model": "sentence-transformers/all-MiniLM-L6-v2",
+        "input": texts[0],
+        "encoding_format": "base64",
+        "dimensions": 384,
+        "user": "pgai",
+    }
     r = await api.client.post("/v1/embeddings", json=request, headers=AUTH)
     assert r.status_code == 200, r.text
     decoded = np.frombuffer(base64.b64decode(r.json()["data"][0]["embedding"]), dtype="<f4")
     np.testing.assert_allclose(decoded, vectors[0], atol=1e-6)
 
-    r = await api.client.post("/v1/embeddings", json={"model": "text-embedding-3-small",
-                                                      "input": "x"}, headers=AUTH)
+    r = await api.client.post(
+        "/v1/embeddings", json={"model": "text-embedding-3-small", "input": "x"}, headers=AUTH
+    )
     assert r.status_code == 404
     assert error_of(r)["code"] == "model_not_found"
-    r = await api.client.post("/v1/embeddings", json={"model": MODEL, "input": "x",
-                                                      "dimensions": 256}, headers=AUTH)
+    r = await api.client.post(
+        "/v1/embeddings", json={"model": MODEL, "input": "x", "dimensions": 256}, headers=AUTH
+    )
     assert r.status_code == 400 and error_of(r)["param"] == "dimensions"
 
 
@@ -220,8 +242,12 @@ BAD = [
     ("/embed", {"input": "x", "model": "no-such-model"}, 404, "model"),
     ("/v1/embeddings", {"model": MODEL, "input": [[101, 2023]]}, 422, "input[0]"),
     ("/v1/embeddings", {"model": 7, "input": "x"}, 422, "model"),
-    ("/v1/embeddings", {"model": MODEL, "input": "x", "encoding_format": "hex"}, 422,
-     "encoding_format"),
+    (
+        "/v1/embeddings",
+        {"model": MODEL, "input": "x", "encoding_format": "hex"},
+        422,
+        "encoding_format",
+    ),
     ("/v1/embeddings", {"model": MODEL, "input": "x", "dimensions": "384"}, 422, "dimensions"),
     ("/v1/embeddings", {"model": MODEL, "input": []}, 400, "input"),
     ("/v1/embeddings", {"model": MODEL, "input": ["t"] * 9}, 413, "input"),
@@ -260,8 +286,12 @@ async def test_body_limit_is_enforced_while_reading(api: Api) -> None:
 @pytest.mark.parametrize("path", ["/embed", "/v1/embeddings", "/webhook"])
 async def test_auth(api: Api, path: str) -> None:
     body = {"input": "x", "type": "INSERT", "table": "t", "record": {}}
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
-                    {"Authorization": f"Bearer {KEY}x"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": f"Bearer {KEY}x"},
+    ):
         r = await api.client.post(path, json=body, headers=headers)
         assert r.status_code == 401, (headers, r.text)
         assert error_of(r)["code"] == "invalid_api_key"
@@ -394,16 +424,21 @@ async def test_webhook_insert_ends_as_a_vector(
 
     async with await psycopg.AsyncConnection.connect(db_url, autocommit=True) as listener:
         await listener.execute("LISTEN autoembed")
-        r = await db_api.client.post("/webhook", json=hook("INSERT", {"id": 1, "content": text}),
-                                     headers=AUTH)
+        r = await db_api.client.post(
+            "/webhook", json=hook("INSERT", {"id": 1, "content": text}), headers=AUTH
+        )
         assert r.status_code == 202, r.text
         assert r.json() == {"table": "public.docs", "queued": 1, "dropped": 0}
         notes = [n.payload async for n in listener.notifies(timeout=5, stop_after=1)]
     assert notes == [str(watch_id)]
     assert await jobs(db) == [("1", "embed", 1)]
 
-    worker = Worker(make_settings(database_url=db_url), drain=True,
-                    embedder_factory=lambda name: minilm, progress=False)
+    worker = Worker(
+        make_settings(database_url=db_url),
+        drain=True,
+        embedder_factory=lambda name: minilm,
+        progress=False,
+    )
     assert await asyncio.wait_for(worker.run(), 60) == 0
     cur = await db.execute("SELECT embedding FROM docs WHERE id = 1")
     vector = np.asarray((await cur.fetchone())[0].to_numpy())
@@ -438,7 +473,8 @@ async def test_webhook_delete_drops_the_job(db: Any, db_api: Api) -> None:
     assert [j[0] for j in await jobs(db)] == ["3", "4"]
     await db.execute("DELETE FROM docs WHERE id = 3")
     r = await db_api.client.post(
-        "/webhook", json=hook("DELETE", None, {"id": 3, "content": "to be deleted"}),
+        "/webhook",
+        json=hook("DELETE", None, {"id": 3, "content": "to be deleted"}),
         headers=AUTH,
     )
     assert r.status_code == 202 and r.json()["dropped"] == 1
@@ -449,13 +485,15 @@ async def test_webhook_uuid_key_as_postgres_writes_it(db: Any, db_api: Api) -> N
     await http_only_table(db, "notes", "uuid")
     key = uuid.uuid4()
     r = await db_api.client.post(
-        "/webhook", json=hook("INSERT", {"id": str(key).upper(), "content": "x"}, table="notes"),
+        "/webhook",
+        json=hook("INSERT", {"id": str(key).upper(), "content": "x"}, table="notes"),
         headers=AUTH,
     )
     assert r.status_code == 202, r.text
     assert await jobs(db) == [(str(key), "embed", 1)]
     r = await db_api.client.post(
-        "/webhook", json=hook("INSERT", {"id": "not-a-uuid", "content": "x"}, table="notes"),
+        "/webhook",
+        json=hook("INSERT", {"id": "not-a-uuid", "content": "x"}, table="notes"),
         headers=AUTH,
     )
     assert r.status_code == 422 and error_of(r)["param"] == "record.id"
@@ -498,8 +536,11 @@ async def test_serve_with_worker_in_one_process(db: Any, db_url: str, minilm: Em
                 return r.status_code == 200 and r.json()["checks"]["listener"]["ok"]
 
             await wait_for(healthy)
-            r = await client.post("/webhook", headers=AUTH,
-                                  json=hook("INSERT", {"id": 1, "content": "served and embedded"}))
+            r = await client.post(
+                "/webhook",
+                headers=AUTH,
+                json=hook("INSERT", {"id": 1, "content": "served and embedded"}),
+            )
             assert r.status_code == 202, r.text
 
             async def embedded() -> bool:
@@ -524,7 +565,7 @@ async def test_serve_alone_stops_on_sigterm(
     monkeypatch.setattr(Embedder, "load", classmethod(lambda cls, *a, **k: minilm))
     port = free_port()
     settings = make_settings(api_key=None, http=f"127.0.0.1:{port}")
-    caplog.set_level(logging.INFO, logger="worker.http")
+    caplog.set_level(logging.INFO, logger="autoembed.http")
     task = asyncio.create_task(serve(settings))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
         await wait_for(lambda: _ok(client.get("/healthz")))
@@ -554,7 +595,13 @@ def test_listen_address() -> None:
 
 def test_cli_refuses_public_address_without_key() -> None:
     env = {k: v for k, v in os.environ.items() if k != "AUTOEMBED_API_KEY"}
-    done = subprocess.run([*AUTOEMBED, "serve", "--listen", "0.0.0.0:8080"], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [*AUTOEMBED, "serve", "--listen", "0.0.0.0:8080"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr
     assert "AUTOEMBED_API_KEY" in done.stderr and "0.0.0.0:8080" in done.stderr

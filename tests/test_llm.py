@@ -1,4 +1,4 @@
-"""worker.llm against the Ollama stand-in (a real HTTP server on 127.0.0.1)."""
+"""autoembed.llm against the Ollama stand-in (a real HTTP server on 127.0.0.1)."""
 
 from __future__ import annotations
 
@@ -17,15 +17,16 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.fakes.ollama import OllamaStandIn, answer_words, free_port_url  # noqa: E402
-from worker.errors import LLMError, LLMModelMissing, LLMTimeout  # noqa: E402
-from worker.llm import (  # noqa: E402
+from autoembed.errors import LLMError, LLMModelMissing, LLMTimeout  # noqa: E402
+from autoembed.llm import (  # noqa: E402
     DEFAULT_SUMMARY_PROMPT,
     GenerateOptions,
     LLMClient,
     llm_host_from_env,
     render_prompt,
 )
+
+from tests.fakes.ollama import OllamaStandIn, answer_words, free_port_url  # noqa: E402
 
 MODES: list[Literal["ollama", "openai"]] = ["ollama", "openai"]
 PROMPT = "Summarize this.\n\nPostgres keeps embeddings next to the rows they describe"

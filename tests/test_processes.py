@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
-
-from worker.engine import Embedder
+from autoembed.engine import Embedder
 
 from .conftest import AUTOEMBED, ROOT, Server, worker_env
 from .helpers import assert_matches, fetch, make_documents, vectors, wait_for, watch_documents
@@ -118,7 +117,7 @@ async def test_kill_9_mid_batch_then_restart(db: Any, db_url: str, minilm: Embed
 async def test_postgres_restart_under_a_running_worker(
     server: Server, db_url: str, minilm: Embedder
 ) -> None:
-    from worker.db import connect
+    from autoembed.db import connect
 
     async with await connect(db_url) as conn:
         await make_documents(conn)

@@ -10,11 +10,10 @@ from typing import Any
 
 import psycopg
 import pytest
-
-from worker.engine import Embedder
-from worker.errors import MigrationError, WatchError
-from worker.migrate import migrate
-from worker.watches import watch
+from autoembed.engine import Embedder
+from autoembed.errors import MigrationError, WatchError
+from autoembed.migrate import migrate
+from autoembed.watches import watch
 
 from .conftest import AUTOEMBED, ROOT, Server, url_of, worker_env
 from .helpers import drain, fetch, make_documents, watch_documents

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-
-from worker.engine import Embedder
-from worker.runner import Worker
+from autoembed.engine import Embedder
+from autoembed.runner import Worker
 
 from .conftest import AUTOEMBED, ROOT, worker_env
 from .fakes.ollama import OllamaStandIn, free_port_url
@@ -25,7 +24,7 @@ def ollama() -> Iterator[OllamaStandIn]:
 
 
 async def summarised_documents(db: Any, **kw: Any) -> None:
-    from worker.watches import watch
+    from autoembed.watches import watch
 
     await make_documents(db)
     await db.execute("ALTER TABLE documents ADD COLUMN summary text")

@@ -11,10 +11,9 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-
-from worker.engine import Embedder
-from worker.queue import ModelChanged
-from worker.runner import Worker
+from autoembed.engine import Embedder
+from autoembed.queue import ModelChanged
+from autoembed.runner import Worker
 
 from .helpers import (
     assert_matches,
@@ -146,7 +145,7 @@ async def test_a_failing_text_fails_alone(db: Any, db_url: str, minilm: Embedder
     status = await fetch(db, "SELECT pending, failed FROM autoembed.status")
     assert status == [(0, 1)]
     # fixed and retried: the job runs again and succeeds
-    from worker.watches import retry
+    from autoembed.watches import retry
 
     assert await retry(db, "documents") == 1
     await drain(db_url, minilm)
@@ -207,7 +206,7 @@ async def test_claim_uses_the_partial_index(db: Any) -> None:
     await make_documents(db)
     await watch_documents(db)
     await db.execute("SET enable_seqscan = off")
-    from worker.db import queries
+    from autoembed.db import queries
 
     plan = await fetch(
         db,
@@ -260,8 +259,11 @@ async def test_shutdown_mid_claim_keeps_the_rest_queued(
         "INSERT INTO documents (content) SELECT 'row ' || g FROM generate_series(1, 500) g"
     )
     slow = Slow(minilm)
-    worker = Worker(settings(db_url, batch_size=500, concurrency=1), progress=False,
-                    embedder_factory=lambda _n: slow)
+    worker = Worker(
+        settings(db_url, batch_size=500, concurrency=1),
+        progress=False,
+        embedder_factory=lambda _n: slow,
+    )
     task = asyncio.create_task(worker.run())
     await asyncio.to_thread(slow.started.wait, 60)
     worker.request_stop("test")

@@ -201,8 +201,9 @@ class Batcher:
             if len(good) == 1:
                 good[0].error = _as_embedding_error(exc)
                 return
-            log.warning("a batch of %d requests failed (%s); retrying them one by one",
-                        len(good), exc)
+            log.warning(
+                "a batch of %d requests failed (%s); retrying them one by one", len(good), exc
+            )
             for request in good:
                 try:
                     self._embed_merged([request], mean_pool, normalize)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -20,10 +21,16 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def sql_root() -> Path:
-    """The directory holding ``migrations/`` and ``sql/`` (the repository root)."""
+def sql_dir(kind: str) -> Path:
+    """Where the ``migrations`` or ``sql`` files are: ``$AUTOEMBED_SQL_ROOT/<kind>`` if set,
+    else inside the installed package (``autoembed._migrations``, ``autoembed._sql``: the
+    repository's ``migrations/`` and ``sql/`` folders, shipped in the wheel)."""
     override = os.environ.get("AUTOEMBED_SQL_ROOT")
-    return Path(override) if override else PACKAGE_DIR.parent
+    if override:
+        return Path(override) / kind
+    module = importlib.import_module(f"autoembed._{kind}")
+    assert module.__file__ is not None
+    return Path(module.__file__).resolve().parent
 
 
 @cache

@@ -45,7 +45,7 @@ def pick_model(requested: str | None) -> tuple[str, str]:
     """gte-small when it is here or can be fetched, else all-minilm-l6-v2; and why."""
     if requested:
         return requested, "asked for with --model"
-    quiet = logging.getLogger("worker.engine.download")
+    quiet = logging.getLogger("autoembed.engine.download")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # a machine without network retries quietly, then says so
     try:

@@ -30,7 +30,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from worker.errors import LLMError, LLMModelMissing, LLMTimeout
+from .errors import LLMError, LLMModelMissing, LLMTimeout
 
 logger = logging.getLogger(__name__)
 

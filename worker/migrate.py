@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from .db import configure, connect, describe, sql_root
+from .db import configure, connect, describe, sql_dir
 from .errors import MigrationError
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,12 @@ def checksum(path: Path) -> str:
 
 
 def migration_files(root: Path | None = None) -> list[Path]:
-    folder = (root or sql_root()) / "migrations"
+    folder = root / "migrations" if root else sql_dir("migrations")
     return sorted(folder.glob("*.sql"))
 
 
 def repeatable_files(root: Path | None = None) -> list[Path]:
-    return sorted(((root or sql_root()) / "sql").glob("*.sql"))
+    return sorted((root / "sql" if root else sql_dir("sql")).glob("*.sql"))
 
 
 async def migrate_connection(
@@ -55,7 +55,9 @@ async def migrate_connection(
     report = MigrateReport()
     files = migration_files(root)
     if not files:
-        raise MigrationError(f"no migrations found under {(root or sql_root()) / 'migrations'}")
+        raise MigrationError(
+            f"no migrations found under {root / 'migrations' if root else sql_dir('migrations')}"
+        )
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))

@@ -1,0 +1,1 @@
+"""SQL files shipped inside the autoembed package (see pyproject.toml)."""
