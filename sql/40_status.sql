@@ -4,26 +4,50 @@
 DROP VIEW IF EXISTS autoembed.status;
 DROP VIEW IF EXISTS autoembed.failed_jobs;
 
--- Per watch and lane: exact counts, the age of the oldest pending job, recent throughput.
+-- Per watch and lane: exact counts (fresh work the application caused versus backfill),
+-- the age of the oldest pending job of each, recent throughput, and what is wrong with the
+-- watch, if anything (a dropped or retyped column, a dropped table).
 CREATE VIEW autoembed.status AS
 SELECT w.id AS watch_id,
-       w.source::text AS source,
-       w.content_column,
-       CASE l.lane WHEN 'embed' THEN w.embedding_column ELSE w.summary_column END AS target_column,
-       CASE l.lane WHEN 'embed' THEN w.model ELSE w.llm_model END AS model,
+       CASE WHEN c.oid IS NULL THEN format('(dropped table %s)', w.source::oid) ELSE w.source::text END AS source,
+       coalesce(autoembed._attname(w.source, w.content_attnum), w.content_column) AS content_column,
+       CASE l.lane
+           WHEN 'summary' THEN coalesce(autoembed._attname(w.source, w.summary_attnum), w.summary_column)
+           WHEN 'next' THEN autoembed._attname(w.source, w.next_attnum)
+           ELSE coalesce(autoembed._attname(w.source, w.embedding_attnum), w.embedding_column) END
+           AS target_column,
+       CASE l.lane WHEN 'embed' THEN w.model WHEN 'next' THEN w.next_model ELSE w.llm_model END AS model,
        l.lane,
        coalesce(j.pending, 0) AS pending,
        coalesce(j.running, 0) AS running,
        coalesce(j.failed, 0) AS failed,
+       coalesce(j.fresh_pending, 0) AS fresh_pending,
+       coalesce(j.backfill_pending, 0) AS backfill_pending,
        j.oldest_pending_age,
-       coalesce(t.rows_last_minute, 0) AS rows_last_minute
+       j.oldest_fresh_age,
+       j.oldest_backfill_age,
+       coalesce(t.rows_last_minute, 0) AS rows_last_minute,
+       autoembed.watch_problem(w.id) AS problem,
+       CASE WHEN l.lane = 'summary' THEN NULL
+            WHEN w.index_state = 'deferred' THEN 'deferred: built once the backfill is done'
+            WHEN autoembed._hnsw_index(w.source, CASE l.lane WHEN 'next' THEN w.next_attnum
+                                                              ELSE w.embedding_attnum END) IS NULL
+                 THEN CASE l.lane WHEN 'next' THEN 'building once the new vectors are done'
+                                  ELSE 'none (search scans the table)' END
+            ELSE 'ready' END AS index,
+       w.index_note
   FROM autoembed.watches w
- CROSS JOIN LATERAL unnest(autoembed.lanes(w.summary_column)) AS l(lane)
+  LEFT JOIN pg_class c ON c.oid = w.source
+ CROSS JOIN LATERAL unnest(coalesce(autoembed.watch_lanes(w.id), ARRAY['embed'])) AS l(lane)
   LEFT JOIN LATERAL (
         SELECT count(*) FILTER (WHERE x.status = 'pending') AS pending,
                count(*) FILTER (WHERE x.status = 'running') AS running,
                count(*) FILTER (WHERE x.status = 'failed') AS failed,
-               now() - min(x.updated_at) FILTER (WHERE x.status = 'pending') AS oldest_pending_age
+               count(*) FILTER (WHERE x.status = 'pending' AND x.kind = 'fresh') AS fresh_pending,
+               count(*) FILTER (WHERE x.status = 'pending' AND x.kind = 'backfill') AS backfill_pending,
+               now() - min(x.updated_at) FILTER (WHERE x.status = 'pending') AS oldest_pending_age,
+               now() - min(x.updated_at) FILTER (WHERE x.status = 'pending' AND x.kind = 'fresh') AS oldest_fresh_age,
+               now() - min(x.updated_at) FILTER (WHERE x.status = 'pending' AND x.kind = 'backfill') AS oldest_backfill_age
           FROM autoembed.jobs x
          WHERE x.watch_id = w.id AND x.lane = l.lane
        ) j ON true

@@ -21,8 +21,11 @@ from .helpers import drain, fetch, make_documents, watch_documents
 
 async def test_migrate_is_idempotent(db_url: str) -> None:
     again = await migrate(db_url)
-    assert again.applied == [] and again.already == ["0001_schema"]
-    assert again.repeatable == ["10_helpers", "20_queue", "30_watch", "40_status", "50_grants"]
+    assert again.applied == []
+    assert again.already == ["0001_schema", "0002_safe_watches", "0003_model_migrations"]
+    assert again.repeatable == [
+        "05_roles", "10_helpers", "20_queue", "30_watch", "35_ddl", "40_status", "50_grants"
+    ]
 
 
 async def test_changed_migration_is_refused(db_url: str, tmp_path: Path) -> None:
@@ -39,11 +42,11 @@ async def test_new_migration_applies_once(db_url: str, tmp_path: Path) -> None:
     root = tmp_path / "root"
     shutil.copytree(ROOT / "migrations", root / "migrations")
     shutil.copytree(ROOT / "sql", root / "sql")
-    (root / "migrations" / "0002_extra.sql").write_text("CREATE TABLE autoembed.extra (x int);")
-    assert (await migrate(db_url, root)).applied == ["0002_extra"]
+    (root / "migrations" / "0099_extra.sql").write_text("CREATE TABLE autoembed.extra (x int);")
+    assert (await migrate(db_url, root)).applied == ["0099_extra"]
     assert (await migrate(db_url, root)).applied == []
     # a broken migration changes nothing at all (one transaction)
-    (root / "migrations" / "0003_broken.sql").write_text(
+    (root / "migrations" / "0100_broken.sql").write_text(
         "CREATE TABLE autoembed.y (x int); SELEC 1;"
     )
     with pytest.raises(MigrationError, match="nothing was changed"):
@@ -71,9 +74,9 @@ def test_concurrent_migrations_from_several_processes(server: Server) -> None:
     ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], outputs
-    assert sum("applied 1 migration(s)" in o for o in outputs) == 1
+    assert sum("applied 3 migration(s)" in o for o in outputs) == 1
     with psycopg.connect(dsn) as conn:
-        assert conn.execute("SELECT count(*) FROM autoembed.schema_migrations").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM autoembed.schema_migrations").fetchone() == (3,)
     with psycopg.connect(server.url, autocommit=True) as conn:
         conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
 

@@ -12,7 +12,7 @@ import numpy as np
 import psycopg
 import pytest
 from autoembed.engine import Embedder
-from autoembed.queue import ModelChanged
+from autoembed.queue import WatchChanged
 from autoembed.runner import Worker
 
 from .helpers import (
@@ -57,12 +57,17 @@ async def test_insert_update_null_delete(db: Any, db_url: str, minilm: Embedder)
     await drain(db_url, minilm)
     assert (await vectors(db))[2] == (None, None)
 
-    # a deleted row drops its job
+    # a deleted row drops its job at once (status never counts work for rows that are gone)
     await db.execute("UPDATE documents SET content = 'soon gone' WHERE id = 1")
-    await db.execute("DELETE FROM documents WHERE id = 1")
     assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(1,)]
-    await drain(db_url, minilm)
+    await db.execute("DELETE FROM documents WHERE id = 1")
     assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(0,)]
+    # and so does TRUNCATE
+    await db.execute("UPDATE documents SET content = 'truncated soon' WHERE id = 2")
+    assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(1,)]
+    await db.execute("TRUNCATE documents")
+    assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(0,)]
+    await drain(db_url, minilm)
 
 
 async def test_backfill_of_existing_rows(db: Any, db_url: str, minilm: Embedder) -> None:
@@ -176,30 +181,68 @@ async def test_running_worker_wakes_on_notify(db: Any, db_url: str, minilm: Embe
         assert await asyncio.wait_for(task, 30) == 0
 
 
-async def test_model_change_reembeds_everything(db: Any, db_url: str, minilm: Embedder) -> None:
+async def test_model_change_without_a_search_gap(db: Any, db_url: str, minilm: Embedder) -> None:
     await make_documents(db)
     await watch_documents(db)
     await db.execute("INSERT INTO documents (content) VALUES ('one'), ('two')")
     await drain(db_url, minilm)
+    before = await vectors(db)
     await db.execute("SELECT autoembed.register_model('other-384', 384)")
     await db.execute("SELECT autoembed.set_model('documents', 'other-384')")
-    rows = await vectors(db)
-    assert all(v is None for _, v in rows.values())  # one vector space per column
-    assert await fetch(db, "SELECT count(*) FROM autoembed.jobs WHERE status = 'pending'") == [(2,)]
-    # a worker holding the old model refuses to write into the new space
+    # the old vectors stay, consistent with each other, until the new ones cover every row
+    assert {k: v[0] for k, v in (await vectors(db)).items()} == {1: "one", 2: "two"}
+    assert all(v is not None for _, v in (await vectors(db)).values())
+    lanes = await fetch(db, "SELECT lane, count(*) FROM autoembed.jobs GROUP BY lane")
+    assert lanes == [("next", 2)]
+    # a worker holding the watch as it was refuses to write into it
     worker = Worker(settings(db_url), progress=False, embedder_factory=lambda _n: minilm)
     await worker.pool.open()
     try:
         current = next(iter((await worker.queue.watches()).values()))
-        old = dataclasses.replace(current, model="all-minilm-l6-v2")  # what it loaded before
-        jobs = await worker.queue.claim("embed", [old.id], 10, 30)
-        read = await worker.queue.read_texts(old, [j.pk for j in jobs])
-        vecs = dict(zip(read.text, minilm.embed(list(read.text.values())), strict=True))
-        with pytest.raises(ModelChanged, match="refusing to write"):
-            await worker.queue.finish(old, "embed", jobs, read, vecs)
+        old = dataclasses.replace(current, version=current.version - 1)  # what it read before
+        jobs = await worker.queue.claim("next", "backfill", [old.id], 10, 30)
+        rows = await worker.queue.read(old, "next", [j.pk for j in jobs])
+        vecs = {p: minilm.embed([r.vals[0]])[0] for p, r in rows.items() if r.vals}
+        with pytest.raises(WatchChanged, match="not writing them"):
+            await worker.queue.finish(old, "next", jobs, rows, vecs)
+        await worker.queue.release(jobs)
     finally:
         await worker.pool.close()
-    assert all(v is None for _, v in (await vectors(db)).values())
+    # the new model's vectors are made beside the old ones, then swapped in at once
+    flipped = Flipped(minilm)
+    await drain(db_url, flipped)
+    watch = await fetch(db, "SELECT model, next_model FROM autoembed.watches")
+    assert watch == [("other-384", None)]
+    after = await vectors(db)
+    for pk, (text, vector) in after.items():
+        assert np.allclose(vector, -before[pk][1], atol=1e-6), text  # the new model's vectors
+    # the swap renames columns (no row is rewritten); the old column is dropped unless
+    # something of the user's depends on it (here: a trigger on UPDATE OF embedding)
+    columns = await fetch(
+        db,
+        "SELECT attname FROM pg_attribute WHERE attrelid = 'documents'::regclass "
+        "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+    )
+    assert [c[0] for c in columns] == ["id", "content", "title", "embedding__old_1", "embedding"]
+    note = await fetch(db, "SELECT index_note FROM autoembed.status")
+    assert "the old vectors stay in public.documents.embedding__old_1" in note[0][0]
+    # searching works on the new vectors, through the same function
+    q = -minilm.embed(["one"])[0]
+    hits = await fetch(db, "SELECT id FROM match_documents(%s, 0.5, 5)", q)
+    assert hits[0] == (1,)
+
+
+class Flipped:
+    """A second 'model': all-MiniLM-L6-v2's vectors negated (another vector space)."""
+
+    def __init__(self, inner: Embedder) -> None:
+        self.inner = inner
+        self.dim, self.stats, self.name = inner.dim, inner.stats, "other-384"
+        self.max_tokens, self.encode = inner.max_tokens, inner.encode
+
+    def embed(self, texts: list[str], **kw: Any) -> np.ndarray:
+        out: np.ndarray = -self.inner.embed(texts, **kw)
+        return out
 
 
 async def test_claim_uses_the_partial_index(db: Any) -> None:
@@ -215,6 +258,7 @@ async def test_claim_uses_the_partial_index(db: Any) -> None:
         .replace("%(lease)s", "30")
         .replace("%(worker)s", "'w'")
         .replace("%(lane)s", "'embed'")
+        .replace("%(kind)s", "'backfill'")
         .replace("%(watches)s", "ARRAY[1]")
         .replace("%(limit)s", "10"),
     )

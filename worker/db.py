@@ -69,6 +69,30 @@ async def configure(conn: psycopg.AsyncConnection[Any]) -> None:
         log.debug("pgvector is not installed in this database yet")
 
 
+# A worker session resolves only what it means to: the built-in catalog first, and pgvector
+# by its schema. A function or operator that another role created in a schema on the
+# default search_path (public before PostgreSQL 15) can never shadow a built-in one. Key
+# text forms do not depend on the server's or the role's defaults either.
+PINNED = (
+    "SET search_path = pg_catalog, pg_temp; SET datestyle = 'ISO, YMD'; "
+    "SET intervalstyle = 'postgres'; SET timezone = 'UTC'; SET extra_float_digits = 1"
+)
+
+
+async def configure_worker(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Per-connection set-up of the worker's pool: pgvector's types (looked up with the
+    server's search_path, once), then the pinned session settings."""
+    await configure(conn)
+    await conn.execute(PINNED)
+
+
+async def reset_worker(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Before a connection goes back to the pool: undo whatever session state code that
+    ran inside it (a table owner's trigger, through an accessor) may have left, and pin the
+    settings again."""
+    await conn.execute("RESET ALL; SELECT pg_catalog.pg_advisory_unlock_all(); " + PINNED)
+
+
 async def connect(url: str, *, vector: bool = True, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
     try:
         conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **kwargs)

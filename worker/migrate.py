@@ -49,6 +49,22 @@ def repeatable_files(root: Path | None = None) -> list[Path]:
     return sorted((root / "sql" if root else sql_dir("sql")).glob("*.sql"))
 
 
+async def _run_file(conn: psycopg.AsyncConnection[Any], path: Path) -> None:
+    text = path.read_text()
+    try:
+        await conn.execute(text.encode())  # a whole file, no parameters
+    except psycopg.Error as exc:
+        where = ""
+        position = exc.diag.statement_position if exc.diag else None
+        if position and position.isdigit():
+            where = f" (line {text[: int(position)].count(chr(10)) + 1})"
+        context = exc.diag.context if exc.diag and exc.diag.context else ""
+        raise MigrationError(
+            f"migration failed in {path.name}{where}, nothing was changed: {describe(exc)}"
+            + (f"\ncontext: {context.strip()}" if context else "")
+        ) from exc
+
+
 async def migrate_connection(
     conn: psycopg.AsyncConnection[Any], root: Path | None = None
 ) -> MigrateReport:
@@ -84,14 +100,14 @@ async def migrate_connection(
                     report.already.append(path.stem)
                     continue
                 log.info("applying migration %s", path.name)
-                await conn.execute(path.read_text())
+                await _run_file(conn, path)
                 await conn.execute(
                     "INSERT INTO autoembed.schema_migrations (version, checksum) VALUES (%s, %s)",
                     (path.stem, digest),
                 )
                 report.applied.append(path.stem)
             for path in repeatable_files(root):
-                await conn.execute(path.read_text())
+                await _run_file(conn, path)
                 report.repeatable.append(path.stem)
     except MigrationError:
         raise

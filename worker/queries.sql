@@ -1,84 +1,131 @@
--- Static statements of the worker, by name. Statements that need a table's identifiers are
--- composed in queue.py with psycopg.sql instead.
+-- Static statements of the worker, by name. Every function and operator is qualified (or
+-- built in and found first: worker sessions pin search_path to pg_catalog, pg_temp), and
+-- statements that touch a watched table go through the watch's accessor functions.
 
 -- name: watches
-SELECT w.id, n.nspname AS schema, c.relname AS table_name, w.pk_column, w.pk_type,
-       w.content_column, w.embedding_column, w.model, w.dim, w.summary_column,
-       w.llm_model, w.llm_prompt, w.llm_options, autoembed.vector_schema() AS vector_schema
+SELECT w.id, n.nspname AS schema, c.relname AS table_name, c.relowner::regrole::text AS owner,
+       coalesce(autoembed._attname(w.source, w.pk_attnum), '') AS pk_column,
+       coalesce((SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a
+                  WHERE a.attrelid = w.source AND a.attnum = w.pk_attnum), '') AS pk_type,
+       coalesce(autoembed._attname(w.source, w.content_attnum), '') AS content_column,
+       autoembed._attname(w.source, w.embedding_attnum) AS embedding_column,
+       w.model, w.dim,
+       autoembed._attname(w.source, w.summary_attnum) AS summary_column,
+       w.llm_model, w.llm_prompt, w.llm_options, w.template, w.version,
+       w.next_model, w.next_dim, autoembed._attname(w.source, w.next_attnum) AS next_column,
+       w.index_state, autoembed.vector_schema() AS vector_schema,
+       w.embedding_attnum, w.next_attnum, w.summary_attnum,
+       autoembed.watch_problem(w.id) AS problem,
+       -- the accessors must still be what autoembed made: definer functions of the owner
+       coalesce((SELECT pg_catalog.bool_and(p.prosecdef AND p.proowner = c.relowner)
+                   FROM pg_catalog.pg_proc p
+                  WHERE p.oid = ANY (w.functions::pg_catalog.oid[])
+                    AND p.pronamespace = 'autoembed'::pg_catalog.regnamespace), false)
+           AS accessors_ok
   FROM autoembed.watches w
-  JOIN pg_class c ON c.oid = w.source
-  JOIN pg_namespace n ON n.oid = c.relnamespace
+  JOIN pg_catalog.pg_class c ON c.oid = w.source
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
  ORDER BY w.id
+
+-- name: unservable
+SELECT w.id, w.source::pg_catalog.text AS source FROM autoembed.watches w
+ WHERE NOT EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = w.source)
 
 -- name: claim
 UPDATE autoembed.jobs AS j
    SET status = 'running',
-       leased_until = now() + make_interval(secs => %(lease)s),
+       leased_until = pg_catalog.now() + pg_catalog.make_interval(secs => %(lease)s),
        worker = %(worker)s
  WHERE j.id IN (SELECT x.id
                   FROM autoembed.jobs x
                  WHERE x.status = 'pending'
                    AND x.lane = %(lane)s
-                   AND x.run_after <= now()
-                   AND x.watch_id = ANY(%(watches)s)
+                   AND x.kind = %(kind)s
+                   AND x.run_after <= pg_catalog.now()
+                   AND x.watch_id = ANY (%(watches)s)
                  ORDER BY x.run_after, x.id
                  LIMIT %(limit)s
                    FOR UPDATE SKIP LOCKED)
-RETURNING j.id, j.watch_id, j.pk, j.generation, j.attempts
+RETURNING j.id, j.watch_id, j.pk, j.generation, j.attempts, j.kind
+
+-- name: fence
+SELECT j.id FROM autoembed.jobs j
+ WHERE j.id = ANY (%(ids)s) AND j.status = 'running' AND j.worker = %(worker)s
+   FOR UPDATE SKIP LOCKED
 
 -- name: complete
-DELETE FROM autoembed.jobs AS j
- USING unnest(%(ids)s::bigint[], %(generations)s::integer[]) AS d(id, generation)
- WHERE j.id = d.id AND j.generation = d.generation
+DELETE FROM autoembed.jobs AS j WHERE j.id = ANY (%(ids)s)
 
 -- name: fail
 UPDATE autoembed.jobs AS j
    SET attempts = j.attempts + 1,
        last_error = %(error)s,
        status = CASE WHEN j.attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
-       run_after = now() + make_interval(secs => %(delay)s),
+       run_after = pg_catalog.now() + pg_catalog.make_interval(secs => %(delay)s),
        leased_until = NULL,
        worker = NULL,
-       updated_at = now()
- WHERE j.id = %(id)s AND j.generation = %(generation)s
-RETURNING j.status, j.attempts
+       updated_at = pg_catalog.now()
+ WHERE j.id = ANY (%(ids)s) AND j.status = 'running' AND j.worker = %(worker)s
+RETURNING j.id, j.status, j.attempts
 
 -- name: release
 UPDATE autoembed.jobs
-   SET status = 'pending', leased_until = NULL, worker = NULL
- WHERE id = ANY(%(ids)s) AND status = 'running' AND worker = %(worker)s
+   SET status = 'pending', leased_until = NULL, worker = NULL,
+       run_after = pg_catalog.now() + pg_catalog.make_interval(secs => %(delay)s)
+ WHERE id = ANY (%(ids)s) AND status = 'running' AND worker = %(worker)s
 
 -- name: heartbeat
 UPDATE autoembed.jobs
-   SET leased_until = now() + make_interval(secs => %(lease)s)
- WHERE id = ANY(%(ids)s) AND status = 'running' AND worker = %(worker)s
+   SET leased_until = pg_catalog.now() + pg_catalog.make_interval(secs => %(lease)s)
+ WHERE id = ANY (%(ids)s) AND status = 'running' AND worker = %(worker)s
+RETURNING id
 
 -- name: reap
 UPDATE autoembed.jobs
-   SET status = 'pending', leased_until = NULL, worker = NULL
- WHERE status = 'running' AND leased_until < now()
-RETURNING id
+   SET status = CASE WHEN attempts + 1 >= %(max_attempts)s THEN 'failed' ELSE 'pending' END,
+       attempts = attempts + 1,
+       last_error = 'the worker holding it (' || worker || ') stopped renewing its lease: '
+                    'killed, or crashed on this row',
+       leased_until = NULL, worker = NULL, updated_at = pg_catalog.now()
+ WHERE status = 'running' AND leased_until < pg_catalog.now()
+RETURNING id, status
 
 -- name: record_throughput
 INSERT INTO autoembed.throughput (watch_id, lane, rows)
-SELECT * FROM unnest(%(watches)s::integer[], %(lanes)s::text[], %(rows)s::integer[])
+SELECT * FROM ROWS FROM (pg_catalog.unnest(%(watches)s::integer[]), pg_catalog.unnest(%(lanes)s::text[]),
+                        pg_catalog.unnest(%(rows)s::integer[]))
 
 -- name: prune_throughput
-DELETE FROM autoembed.throughput WHERE finished_at < now() - interval '1 hour'
+DELETE FROM autoembed.throughput WHERE finished_at < pg_catalog.now() - interval '1 hour'
 
 -- name: outstanding
-SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
-       count(*) FILTER (WHERE status = 'running') AS running,
-       count(*) FILTER (WHERE status = 'failed') AS failed,
-       extract(epoch FROM min(run_after) FILTER (WHERE status = 'pending') - now())::float8
-           AS next_due_seconds
+SELECT pg_catalog.count(*) FILTER (WHERE status = 'pending') AS pending,
+       pg_catalog.count(*) FILTER (WHERE status = 'running') AS running,
+       pg_catalog.count(*) FILTER (WHERE status = 'failed') AS failed,
+       pg_catalog.count(*) FILTER (WHERE status = 'pending' AND kind = 'backfill') AS backfill,
+       extract(epoch FROM pg_catalog.min(run_after) FILTER (WHERE status = 'pending')
+                          - pg_catalog.now())::pg_catalog.float8 AS next_due_seconds
   FROM autoembed.jobs
- WHERE watch_id = ANY(%(watches)s) AND lane = ANY(%(lanes)s)
+ WHERE watch_id = ANY (%(watches)s) AND lane = ANY (%(lanes)s)
+
+-- name: backfill_left
+SELECT pg_catalog.count(*) FROM autoembed.jobs
+ WHERE watch_id = %(watch)s AND lane = %(lane)s AND kind = 'backfill' AND status <> 'failed'
+
+-- name: lane_left
+SELECT pg_catalog.count(*) FROM autoembed.jobs
+ WHERE watch_id = %(watch)s AND lane = %(lane)s
+
+-- name: index_built
+SELECT autoembed.index_built(%(watch)s)
 
 -- name: status
 SELECT watch_id, source, content_column, target_column, model, lane, pending, running, failed,
-       extract(epoch FROM oldest_pending_age)::float8 AS oldest_pending_seconds,
-       rows_last_minute
+       fresh_pending, backfill_pending,
+       extract(epoch FROM oldest_pending_age)::pg_catalog.float8 AS oldest_pending_seconds,
+       extract(epoch FROM oldest_fresh_age)::pg_catalog.float8 AS oldest_fresh_seconds,
+       extract(epoch FROM oldest_backfill_age)::pg_catalog.float8 AS oldest_backfill_seconds,
+       rows_last_minute, problem, index, index_note
   FROM autoembed.status
  ORDER BY watch_id, lane
 
@@ -92,4 +139,19 @@ SELECT job_id, source, lane, pk, attempts, last_error, failed_at
 SELECT autoembed.enqueue(%(watch)s, %(pks)s::text[])
 
 -- name: drop_jobs
-DELETE FROM autoembed.jobs WHERE watch_id = %(watch)s AND pk = ANY(%(pks)s::text[])
+DELETE FROM autoembed.jobs WHERE watch_id = %(watch)s AND pk = ANY (%(pks)s::text[])
+
+-- name: worker_seen
+INSERT INTO autoembed.workers AS w (name, problems) VALUES (%(name)s, %(problems)s)
+ON CONFLICT (name) DO UPDATE SET seen_at = pg_catalog.now(), problems = EXCLUDED.problems
+
+-- name: worker_gone
+DELETE FROM autoembed.workers WHERE name = %(name)s OR seen_at < pg_catalog.now() - interval '1 hour'
+
+-- name: workers
+SELECT name, started_at,
+       extract(epoch FROM pg_catalog.now() - seen_at)::pg_catalog.float8 AS seen_seconds_ago,
+       problems
+  FROM autoembed.workers
+ WHERE seen_at > pg_catalog.now() - interval '5 minutes'
+ ORDER BY name

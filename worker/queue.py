@@ -1,13 +1,15 @@
-"""The durable queue in ``autoembed.jobs``: claim with a lease, finish, fail, release.
+"""The durable queue in ``autoembed.jobs``: claim with a lease, read, finish, fail, release.
 
-Static statements come from ``queries.sql``; statements that touch a watched table are
-composed here with ``psycopg.sql`` so every identifier is quoted by the driver.
+Static statements come from ``queries.sql``. A watched table is read and written only
+through its watch's accessor functions (``autoembed.w<id>_read`` / ``_write``), which run
+as the table's owner: the worker itself never evaluates the table's triggers, policies or
+casts, and needs no privilege on the table.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,10 +18,13 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from .db import fetch_dicts, q
+from .errors import AutoembedError
 
 log = logging.getLogger(__name__)
 
-LANES = ("embed", "summary")
+LANES = ("embed", "summary", "next")
+KINDS = ("fresh", "backfill")
+LOCK_TIMEOUT = "500ms"  # below deadlock_timeout: a worker gives way to the application's DDL
 
 
 @dataclass(frozen=True)
@@ -27,17 +32,29 @@ class Watch:
     id: int
     schema: str
     table_name: str
+    owner: str
     pk_column: str
     pk_type: str
     content_column: str
-    embedding_column: str
+    embedding_column: str | None
     model: str
     dim: int
     summary_column: str | None
     llm_model: str | None
     llm_prompt: str | None
     llm_options: Mapping[str, Any]
+    template: str | None
+    version: int
+    next_model: str | None
+    next_dim: int | None
+    next_column: str | None
+    index_state: str
     vector_schema: str
+    problem: str | None
+    accessors_ok: bool
+    embedding_attnum: int | None = None
+    next_attnum: int | None = None
+    summary_attnum: int | None = None
 
     @property
     def table(self) -> sql.Identifier:
@@ -45,12 +62,42 @@ class Watch:
 
     @property
     def label(self) -> str:
-        return f"{self.schema}.{self.table_name}.{self.embedding_column}"
+        return f"{self.schema}.{self.table_name}.{self.embedding_column or self.content_column}"
 
     @property
-    def pk_array(self) -> sql.Composable:
-        # pk_type comes from format_type() in the catalog: a type name PostgreSQL quoted itself
-        return sql.SQL("{}[]").format(sql.SQL(self.pk_type))
+    def lanes(self) -> tuple[str, ...]:
+        lanes = ["embed"]
+        if self.summary_column:
+            lanes.append("summary")
+        if self.next_model:
+            lanes.append("next")
+        return tuple(lanes)
+
+    def model_of(self, lane: str) -> str | None:
+        return {"embed": self.model, "next": self.next_model, "summary": self.llm_model}[lane]
+
+    def target_of(self, lane: str) -> int | None:
+        """The column number a lane writes (the accessors check it)."""
+        return {
+            "embed": self.embedding_attnum,
+            "next": self.next_attnum,
+            "summary": self.summary_attnum,
+        }[lane]
+
+    def dim_of(self, lane: str) -> int | None:
+        return self.next_dim if lane == "next" else self.dim
+
+    @property
+    def trouble(self) -> str | None:
+        """Why this watch must not be served now (None: it may)."""
+        if self.problem:
+            return self.problem
+        if not self.accessors_ok:
+            return (
+                "its accessor functions are missing or were altered (not SECURITY DEFINER "
+                "functions of the table's owner): run `autoembed watch` for it again"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -60,6 +107,7 @@ class Job:
     pk: str
     generation: int
     attempts: int
+    kind: str
     token: str  # who holds the lease: this worker and this claim, nobody else
 
 
@@ -69,17 +117,20 @@ class Claims:
 
     held: dict[str, set[int]] = field(default_factory=dict)
 
-    def add(self, jobs: Sequence[Job]) -> None:
+    def add(self, jobs: Iterable[Job]) -> None:
         for job in jobs:
             self.held.setdefault(job.token, set()).add(job.id)
 
-    def remove(self, jobs: Sequence[Job]) -> None:
+    def remove(self, jobs: Iterable[Job]) -> None:
         for job in jobs:
             ids = self.held.get(job.token)
             if ids is not None:
                 ids.discard(job.id)
                 if not ids:
                     del self.held[job.token]
+
+    def ids(self) -> set[int]:
+        return {i for ids in self.held.values() for i in ids}
 
     def __bool__(self) -> bool:
         return bool(self.held)
@@ -88,37 +139,39 @@ class Claims:
         return sum(len(ids) for ids in self.held.values())
 
 
-@dataclass
-class Outcome:
-    """What finishing a batch did."""
+@dataclass(frozen=True)
+class Row:
+    """What a read found for one key: the lane's input values (None: the row is not
+    there), the hash the write checks again, and whether a value was cut short."""
 
-    written: list[str] = field(default_factory=list)  # vectors (or summaries) stored
-    cleared: list[str] = field(default_factory=list)  # NULL or empty text: vector cleared
+    vals: list[str | None] | None
+    hash: int | None
+    cut: bool
+    state: str  # ok | missing | hidden | invalid: <why>
+
+
+@dataclass
+class Finished:
+    """What finishing a chunk did, by key."""
+
+    written: list[str] = field(default_factory=list)  # result (or clear) stored
     missing: list[str] = field(default_factory=list)  # row deleted meanwhile: job dropped
-    stale: list[str] = field(default_factory=list)  # text changed since read: not written
+    stale: list[str] = field(default_factory=list)  # inputs changed since read: not written
+    busy: list[str] = field(default_factory=list)  # row locked by the application: later
+    failed: dict[str, str] = field(default_factory=dict)  # this row's write failed: why
+    lost: list[str] = field(default_factory=list)  # lease gone (reaped, re-queued): not ours
 
     @property
     def done(self) -> int:
-        return len(self.written) + len(self.cleared) + len(self.missing)
+        return len(self.written) + len(self.missing)
 
 
-@dataclass
-class Texts:
-    """What a batch read: the text to work on per primary key (absent: the row is gone),
-    and a hash of each row's whole text, which the write checks again (the stale guard)."""
-
-    text: dict[str, str | None] = field(default_factory=dict)
-    hash: dict[str, int | None] = field(default_factory=dict)
-    cut: set[str] = field(default_factory=set)  # longer than what was read
-
-    def update(self, other: Texts) -> None:
-        self.text.update(other.text)
-        self.hash.update(other.hash)
-        self.cut -= set(other.text)
+class WatchChanged(AutoembedError):
+    """The watch changed (model, template, columns) after the batch was claimed."""
 
 
-class ModelChanged(Exception):
-    """The watch's model changed after the batch was claimed."""
+def _accessor(watch_id: int, what: str) -> sql.Composable:
+    return sql.Identifier("autoembed", f"w{watch_id}_{what}")
 
 
 class Queue:
@@ -132,8 +185,13 @@ class Queue:
             rows = await fetch_dicts(conn, q("watches"))
         return {r["id"]: Watch(**r) for r in rows}
 
+    async def orphaned_watches(self) -> list[dict[str, Any]]:
+        """Watches whose table was dropped (kept where no event trigger removed them)."""
+        async with self.pool.connection() as conn:
+            return await fetch_dicts(conn, q("unservable"))
+
     async def claim(
-        self, lane: str, watch_ids: Sequence[int], limit: int, lease: float
+        self, lane: str, kind: str, watch_ids: Sequence[int], limit: int, lease: float
     ) -> list[Job]:
         if not watch_ids:
             return []
@@ -144,6 +202,7 @@ class Queue:
                 q("claim"),
                 {
                     "lane": lane,
+                    "kind": kind,
                     "watches": list(watch_ids),
                     "limit": limit,
                     "lease": lease,
@@ -151,211 +210,179 @@ class Queue:
                 },
             )
             return [
-                Job(id=r[0], watch_id=r[1], pk=r[2], generation=r[3], attempts=r[4], token=token)
+                Job(
+                    id=r[0],
+                    watch_id=r[1],
+                    pk=r[2],
+                    generation=r[3],
+                    attempts=r[4],
+                    kind=r[5],
+                    token=token,
+                )
                 for r in await cur.fetchall()
             ]
 
-    async def read_texts(
-        self, watch: Watch, pks: Sequence[str], max_chars: int | None = None
-    ) -> Texts:
-        """The watched text of these rows, at most ``max_chars`` of each (a model reads a
-        few hundred tokens: a 10 MB document need not cross the wire), and its hash."""
-        query = sql.SQL(
-            "SELECT {pk}::text, left({content}::text, %s), "
-            "hashtextextended({content}::text, 0), length({content}::text) > %s "
-            "FROM {table} WHERE {pk} = ANY(%s::{pks})"
-        ).format(
-            pk=sql.Identifier(watch.pk_column),
-            content=sql.Identifier(watch.content_column),
-            table=watch.table,
-            pks=watch.pk_array,
+    async def read(
+        self, watch: Watch, lane: str, pks: Sequence[str], max_chars: int | None = None
+    ) -> dict[str, Row]:
+        """The lane's input values of these rows, at most ``max_chars`` of each (a model
+        reads a few hundred tokens: a 10 MB document need not cross the wire)."""
+        query = sql.SQL("SELECT pk, vals, hash, cut, state FROM {}(%s, %s, %s)").format(
+            _accessor(watch.id, "read")
         )
-        limit = max_chars or 2**31 - 1
-        out = Texts()
+        out: dict[str, Row] = {}
         async with self.pool.connection() as conn:
-            cur = await conn.execute(query, (limit, limit, list(pks)))
-            for pk, text, digest, cut in await cur.fetchall():
-                out.text[pk] = text
-                out.hash[pk] = digest
-                if cut:
-                    out.cut.add(pk)
+            cur = await conn.execute(query, (lane, list(pks), max_chars))
+            for pk, vals, digest, cut, state in await cur.fetchall():
+                out[pk] = Row(vals=vals, hash=digest, cut=cut, state=state)
         return out
-
-    async def read_rows(
-        self, watch: Watch, pks: Sequence[str]
-    ) -> tuple[dict[str, dict[str, Any]], Texts]:
-        """Whole rows as JSON objects (for prompt templates that use any column)."""
-        query = sql.SQL(
-            "SELECT t.{pk}::text, to_jsonb(t), t.{content}::text, "
-            "hashtextextended(t.{content}::text, 0) "
-            "FROM {table} AS t WHERE t.{pk} = ANY(%s::{pks})"
-        ).format(
-            pk=sql.Identifier(watch.pk_column),
-            content=sql.Identifier(watch.content_column),
-            table=watch.table,
-            pks=watch.pk_array,
-        )
-        rows: dict[str, dict[str, Any]] = {}
-        texts = Texts()
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(query, (list(pks),))
-            for pk, row, text, digest in await cur.fetchall():
-                rows[pk] = row
-                texts.text[pk] = text
-                texts.hash[pk] = digest
-        return rows, texts
-
-    async def _check_model(self, conn: AsyncConnection[Any], watch: Watch, lane: str) -> None:
-        cur = await conn.execute("SELECT autoembed.hold_watch(%s, %s)", (watch.id, lane))
-        row = await cur.fetchone()
-        current = row[0] if row else None
-        expected = watch.model if lane == "embed" else watch.llm_model
-        if current is None:
-            raise ModelChanged(f"watch {watch.label} was removed or has no {lane} model now")
-        if current != expected:
-            raise ModelChanged(
-                f"{watch.label} now uses {current!r}, not {expected!r}: "
-                f"refusing to write {lane} output of another model"
-            )
 
     async def finish(
         self,
         watch: Watch,
         lane: str,
         jobs: Sequence[Job],
-        read: Texts,
-        results: Mapping[str, np.ndarray | str],
-    ) -> Outcome:
+        rows: Mapping[str, Row],
+        results: Mapping[str, np.ndarray | str | None],
+    ) -> Finished:
         """Store results and drop the finished jobs, in one short transaction.
 
-        ``read`` is what was read (absent: the row is gone); ``results`` holds a vector
-        (embed) or a summary (summary) per pk whose text was non-empty. A result is written
-        only where the row's text still hashes as the text it was made from did; a job is
-        deleted only if it was not queued again meanwhile (its generation is unchanged).
-        Jobs of ``jobs`` with neither a result nor an empty text are released, unfinished.
+        ``results`` holds, per key, a vector (embed, next), a text (summary), or None to
+        clear the target (the inputs are empty). The watch must still be at the version
+        the batch was made for, and each job still leased to this claim (a job whose lease
+        was taken over is not written: ``lost``). A result is written only where the row's
+        inputs still hash as what was read. Keys without a result stay claimed: the caller
+        releases or fails them.
         """
-        texts = read.text
-        out = Outcome()
-        target = watch.embedding_column if lane == "embed" else watch.summary_column
-        assert target is not None
-        pk = sql.Identifier(watch.pk_column)
-        content = sql.Identifier(watch.content_column)
-        column = sql.Identifier(target)
-        value_type = (
-            sql.SQL("{}.vector").format(sql.Identifier(watch.vector_schema))
-            if lane == "embed"
-            else sql.SQL("text")
-        )
-        write_pks = [p for p in results]
-        empty = [p for p, t in texts.items() if not t]
-        out.missing = [j.pk for j in jobs if j.pk not in texts]
+        out = Finished()
+        todo = [j for j in jobs if j.pk in results]
+        if not todo:
+            return out
+        by_pk = {j.pk: j for j in todo}
         async with self.pool.connection() as conn, conn.transaction():
-            await self._check_model(conn, watch, lane)
-            if write_pks:
-                # vectors travel in pgvector's binary format (%b): text formatting of
-                # floats would cost more than the whole rest of the queue's work
-                values = "%b" if lane == "embed" else "%s"
-                cur = await conn.execute(
-                    sql.SQL(
-                        "UPDATE {table} AS t SET {column} = v.value "
-                        "FROM unnest(%s::{pks}, %s::bigint[], " + values + "::{vt}[]) "
-                        "AS v(pk, hash, value) "
-                        "WHERE t.{pk} = v.pk AND hashtextextended(t.{content}::text, 0) = v.hash "
-                        "RETURNING t.{pk}::text"
-                    ).format(
-                        table=watch.table,
-                        column=column,
-                        pks=watch.pk_array,
-                        vt=value_type,
-                        pk=pk,
-                        content=content,
-                    ),
-                    (write_pks, [read.hash[p] for p in write_pks], [results[p] for p in write_pks]),
+            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+            cur = await conn.execute("SELECT autoembed.hold_watch(%s)", (watch.id,))
+            row = await cur.fetchone()
+            if row is None or row[0] != watch.version:
+                raise WatchChanged(
+                    f"{watch.label} changed (model, template or columns) after these rows "
+                    "were read: not writing them"
                 )
-                out.written = [r[0] for r in await cur.fetchall()]
-            if empty:
-                cur = await conn.execute(
-                    sql.SQL(
-                        "UPDATE {table} AS t SET {column} = NULL "
-                        "WHERE t.{pk} = ANY(%s::{pks}) "
-                        "AND (t.{content} IS NULL OR t.{content}::text = '') "
-                        "AND t.{column} IS NOT NULL"
-                    ).format(
-                        table=watch.table, column=column, pk=pk, pks=watch.pk_array, content=content
-                    ),
-                    (empty,),
-                )
-                # rows already without a vector need no write; all of them are done
-                out.cleared = list(empty)
-            done = set(out.written) | set(out.cleared) | set(out.missing)
-            out.stale = [j.pk for j in jobs if j.pk not in done and j.pk in results]
-            finished = [j for j in jobs if j.pk in done]
+            ours = await self._fence(conn, todo)
+            out.lost = [j.pk for j in todo if j.id not in ours]
+            mine = [j.pk for j in todo if j.id in ours]
+            if not mine:
+                return out
+            values = [results[p] for p in mine]
+            vectors: list[Any] | None = None
+            texts: list[Any] | None = None
+            if lane == "summary":
+                texts = values
+            elif any(v is not None for v in values):
+                vectors = values
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT pk, outcome, error FROM {}(%s, %s::smallint, %s, %s, %b::{}[], %s)"
+                ).format(
+                    _accessor(watch.id, "write"),
+                    sql.Identifier(watch.vector_schema, "vector"),
+                ),
+                (lane, watch.target_of(lane), mine, [rows[p].hash for p in mine], vectors, texts),
+            )
+            for pk, outcome, error in await cur.fetchall():
+                if outcome == "written":
+                    out.written.append(pk)
+                elif outcome == "missing":
+                    out.missing.append(pk)
+                elif outcome == "stale":
+                    out.stale.append(pk)
+                elif outcome == "busy":
+                    out.busy.append(pk)
+                elif outcome == "hidden":
+                    out.failed[pk] = hidden_message(watch)
+                else:
+                    out.failed[pk] = error or outcome
+            finished = [by_pk[p] for p in out.written + out.missing]
             if finished:
-                await conn.execute(
-                    q("complete"),
-                    {
-                        "ids": [j.id for j in finished],
-                        "generations": [j.generation for j in finished],
-                    },
-                )
+                await conn.execute(q("complete"), {"ids": [j.id for j in finished]})
                 await conn.execute(
                     q("record_throughput"),
                     {"watches": [watch.id], "lanes": [lane], "rows": [len(finished)]},
                 )
-            unfinished = [j for j in jobs if j.pk not in done]
-            if unfinished:
-                # stale (another change to the row is, or will be, queued), or not reached
-                # before a shutdown: pending again, for any worker
-                await self._release(conn, unfinished)
+            # the row changed (and is, or will be, queued again) or is locked: pending again
+            await self._release(conn, [by_pk[p] for p in out.stale], 0.0)
+            await self._release(conn, [by_pk[p] for p in out.busy], 1.0)
         return out
 
+    async def _fence(self, conn: AsyncConnection[Any], jobs: Sequence[Job]) -> set[int]:
+        """Lock the jobs still leased to their claims (skipping any another transaction
+        holds: queued again by the application right now), and return their ids."""
+        ours: set[int] = set()
+        for token, ids in _by_token(jobs).items():
+            cur = await conn.execute(q("fence"), {"ids": ids, "worker": token})
+            ours.update(r[0] for r in await cur.fetchall())
+        return ours
+
     @staticmethod
-    async def _release(conn: AsyncConnection[Any], jobs: Sequence[Job]) -> None:
-        by_token: dict[str, list[int]] = {}
-        for job in jobs:
-            by_token.setdefault(job.token, []).append(job.id)
-        for token, ids in by_token.items():
-            await conn.execute(q("release"), {"ids": ids, "worker": token})
+    async def _release(conn: AsyncConnection[Any], jobs: Sequence[Job], delay: float) -> None:
+        for token, ids in _by_token(jobs).items():
+            await conn.execute(q("release"), {"ids": ids, "worker": token, "delay": delay})
 
-    async def fail(self, job: Job, error: str, delay: float, max_attempts: int) -> str:
+    async def fail(
+        self, jobs: Sequence[Job], error: str, delay: float, max_attempts: int
+    ) -> dict[int, str]:
+        """Charge the jobs an attempt (or fail them for good at ``max_attempts``); returns
+        the new status of each job still held by its claim."""
+        out: dict[int, str] = {}
+        if not jobs:
+            return out
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                q("fail"),
-                {
-                    "id": job.id,
-                    "generation": job.generation,
-                    "error": error[:2000],
-                    "delay": delay,
-                    "max_attempts": max_attempts,
-                },
-            )
-            row = await cur.fetchone()
-            return row[0] if row else "requeued"
+            for token, ids in _by_token(jobs).items():
+                cur = await conn.execute(
+                    q("fail"),
+                    {
+                        "ids": ids,
+                        "worker": token,
+                        "error": error[:2000],
+                        "delay": delay,
+                        "max_attempts": max_attempts,
+                    },
+                )
+                out.update({r[0]: r[1] for r in await cur.fetchall()})
+        return out
 
-    async def release(self, jobs: Sequence[Job]) -> None:
+    async def release(self, jobs: Sequence[Job], delay: float = 0.0) -> None:
         """Give leases back: the jobs are pending again, for any worker."""
         if jobs:
             async with self.pool.connection() as conn:
-                await self._release(conn, jobs)
+                await self._release(conn, jobs, delay)
 
     async def release_claims(self, claims: Claims) -> None:
         async with self.pool.connection() as conn:
             for token, ids in claims.held.items():
-                await conn.execute(q("release"), {"ids": list(ids), "worker": token})
+                await conn.execute(q("release"), {"ids": list(ids), "worker": token, "delay": 0})
 
-    async def heartbeat(self, claims: Claims, lease: float) -> None:
-        """Extend the leases of the jobs still being worked on."""
-        if claims:
-            async with self.pool.connection() as conn:
-                for token, ids in list(claims.held.items()):
-                    await conn.execute(
-                        q("heartbeat"), {"ids": list(ids), "worker": token, "lease": lease}
-                    )
-
-    async def reap(self) -> int:
+    async def heartbeat(self, claims: Claims, lease: float) -> set[int]:
+        """Extend the leases of the jobs still being worked on; returns the ids whose lease
+        is gone (taken over after expiry, or the job queued again)."""
+        lost: set[int] = set()
+        if not claims:
+            return lost
         async with self.pool.connection() as conn:
-            cur = await conn.execute(q("reap"))
-            return len(await cur.fetchall())
+            for token, ids in list(claims.held.items()):
+                cur = await conn.execute(
+                    q("heartbeat"), {"ids": list(ids), "worker": token, "lease": lease}
+                )
+                kept = {r[0] for r in await cur.fetchall()}
+                lost.update(set(ids) - kept)
+        return lost
+
+    async def reap(self, max_attempts: int) -> list[tuple[int, str]]:
+        """Jobs whose lease ran out go back to pending, charged an attempt (a text that
+        kills the worker must not be retried forever)."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(q("reap"), {"max_attempts": max_attempts})
+            return [(r[0], r[1]) for r in await cur.fetchall()]
 
     async def prune(self) -> None:
         async with self.pool.connection() as conn:
@@ -368,3 +395,28 @@ class Queue:
                 conn, q("outstanding"), {"watches": list(watch_ids), "lanes": list(lanes)}
             )
         return rows[0]
+
+    async def left(self, watch_id: int, lane: str, backfill_only: bool) -> int:
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                q("backfill_left" if backfill_only else "lane_left"),
+                {"watch": watch_id, "lane": lane},
+            )
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+
+def _by_token(jobs: Iterable[Job]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for job in jobs:
+        out.setdefault(job.token, []).append(job.id)
+    return out
+
+
+def hidden_message(watch: Watch) -> str:
+    return (
+        f"row-level security hides this row of {watch.schema}.{watch.table_name} even from "
+        f"its owner {watch.owner} (FORCE ROW LEVEL SECURITY): the worker reads and writes "
+        f"as the owner, so give {watch.owner} a policy that lets it see and update every "
+        f"row (or ALTER TABLE ... NO FORCE ROW LEVEL SECURITY), then `autoembed retry`"
+    )

@@ -1,46 +1,54 @@
-"""The daemon: claim batches, embed (or summarise) them, write the results back.
+"""The daemon: slots that claim and work, and side tasks that keep them honest.
 
-Per process: ``concurrency`` embedding slots and ``summary_concurrency`` summary slots, each
-a loop of claim -> read -> work -> finish. Inference runs in a thread (ONNX Runtime releases
-the GIL) behind a lock, so one slot's database round trips overlap another's inference. A
-LISTEN connection wakes idle slots at once; a poll covers lost notifications and retries
-whose time has come. Lost database connections are retried with backoff; the jobs of a batch
-that could not be finished are released when the database is back (or retaken by any
-worker once their lease runs out). SIGTERM/SIGINT: stop claiming, finish what is in flight
-within ``shutdown_seconds``, release the rest, exit 0.
+Slots (``concurrency`` embedding slots, one more that only takes fresh work, and
+``summary_concurrency`` summary slots) each loop: claim -> ``lanes`` (read, work, write) ->
+claim. Fresh work (rows the application just wrote) is claimed before backfill and gets
+the engine first (``gate``), so a backlog never hides a new row for more than one
+inference chunk.
+
+Side tasks, supervised: the LISTEN connection (``listen``), the heartbeat (renews leases
+every lease/3, and marks jobs whose lease is gone so their batch does not write them), and
+housekeeping (reaping expired leases, releasing work an outage interrupted, watching for
+watch changes and loading their models in the background, building deferred HNSW indexes,
+finishing model changes, metrics). A side task that dies stops the worker with exit code 1
+and the reason in the log: nothing runs on without its leases renewed.
+
+SIGTERM/SIGINT: stop claiming, finish the inference chunk in flight within
+``shutdown_seconds``, release everything else, exit 0.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-import random
 import signal
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any
 
-import numpy as np
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
 from .config import Settings
-from .db import configure, describe
+from .db import configure_worker, describe, q, reset_worker
 from .engine import Embedder
-from .errors import AutoembedError, LLMError, LLMModelMissing
+from .errors import AutoembedError
+from .gate import Gate
+from .lanes import EMBED_CHUNK, Batch, Lanes
 from .listen import Listener
 from .metrics import Metrics
-from .queue import Claims, Job, ModelChanged, Queue, Texts, Watch
+from .models import Models
+from .outcomes import Outcome, classify, is_db_outage
+from .queue import Claims, Job, Queue, Watch, WatchChanged
 
 log = logging.getLogger(__name__)
 
 EmbedderFactory = Callable[[str], Embedder]
-CHARS_PER_TOKEN = 32  # prefix read per token the model takes (a token is ~4 chars of prose)
-EMBED_CHUNK = 64  # texts per inference call: the unit a shutdown waits for
-DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout, OSError)
+EXIT_UNSERVED = 3  # --drain: some watches could not be served (their model, their table)
+EXIT_CRASHED = 1
 
 
 class Worker:
@@ -58,29 +66,36 @@ class Worker:
         self.drain = drain
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.metrics = metrics or Metrics()
-        self._factory = embedder_factory or self._load_embedder
-        self.embedders: dict[str, Embedder] = {}
-        self.model_errors: dict[str, str] = {}
-        self._loading: dict[str, asyncio.Lock] = {}
+        self.models = Models(embedder_factory or self._load_embedder, self.metrics)
         self.watches: dict[int, Watch] = {}
         self.stop = asyncio.Event()
         self.wake = asyncio.Event()
-        self.engine_lock = asyncio.Lock()
-        self.in_flight: dict[str, Claims] = {"embed": Claims(), "summary": Claims()}
-        self.orphans = Claims()
+        self.gate = Gate()
+        self.claims: dict[str, Claims] = {lane: Claims() for lane in ("embed", "next", "summary")}
+        self.orphans = Claims()  # claims an outage interrupted: released when it is over
+        self.lost: set[int] = set()  # jobs whose lease the heartbeat found gone
         self.db_ok = True
+        self.llm_down_until = 0.0  # monotonic: the summary lane pauses while the LLM is out
+        self.llm_pause = 0.0
+        self.llm_problem: str | None = None
+        # LLM model -> (why it cannot be used, or None; when that was found)
+        self.llm_checked: dict[str, tuple[str | None, float]] = {}
+        self.unserved: dict[int, str] = {}  # watch id -> why it is not served now
+        self.index_problems: dict[int, str] = {}
         self.done_rows = 0
         self.failed_jobs = 0
-        self._llm: Any = None
-        self._bar: Any = None
-        self._next_due: float | None = None
+        self.exit_code = 0
         self._refresh_needed = False
+        self._next_due: float | None = None
+        self._bar: Any = None
+        self._side_jobs: set[asyncio.Task[Any]] = set()
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             self.url,
             min_size=1,
-            max_size=settings.concurrency + settings.summary_concurrency + 3,
+            max_size=settings.concurrency + settings.summary_concurrency + 5,
             kwargs={"autocommit": True},
-            configure=configure,
+            configure=configure_worker,
+            reset=reset_worker,
             check=AsyncConnectionPool.check_connection,
             open=False,
             timeout=10.0,
@@ -88,70 +103,111 @@ class Worker:
         )
         self.queue = Queue(self.pool, settings.worker_name)
         self.listener = Listener(self.url, self._on_notify)
+        self.lanes = Lanes(
+            settings, self.queue, self.gate, self.metrics, self.stop, self.lost, self._finished
+        )
 
-    # ------------------------------------------------------------------ set-up
+    # ------------------------------------------------------------------ models
 
     def _load_embedder(self, model: str) -> Embedder:
         s = self.settings
-        return Embedder.load(
-            model,
-            device=s.device,
-            precision=s.precision,
-            threads=s.threads,
-        )
+        return Embedder.load(model, device=s.device, precision=s.precision, threads=s.threads)
+
+    @property
+    def embedders(self) -> dict[str, Embedder]:
+        return self.models.loaded
+
+    @property
+    def model_errors(self) -> dict[str, str]:
+        return {name: t.error for name, t in self.models.troubles.items()}
+
+    @property
+    def engine_lock(self) -> Any:
+        """For the HTTP API in the same process: an embedding request takes a fresh turn."""
+        return self.gate.lock(fresh=True)
 
     async def embedder(self, model: str) -> Embedder | None:
-        """The loaded model of that name, loading it once (None if it cannot be loaded)."""
-        async with self._loading.setdefault(model, asyncio.Lock()):
-            if model in self.embedders:
-                return self.embedders[model]
-            if model in self.model_errors:
-                return None
-            try:
-                emb = await asyncio.to_thread(self._factory, model)
-            except AutoembedError as exc:
-                self.model_errors[model] = str(exc)
-                log.error("cannot load model %s, its watches are not served: %s", model, exc)
-                return None
-            self.embedders[model] = emb
-            self.metrics.track(model, emb.stats)
-            return emb
+        """The loaded model of that name, loading it now (None if it cannot be loaded)."""
+        return await self.models.wait(model)
 
     def llm(self) -> Any:
-        if self._llm is None:
+        if self.lanes.llm is None:
             from .llm import LLMClient
 
-            mode = self.settings.llm_mode
-            self._llm = LLMClient(
-                self.settings.llm_host,
-                mode,
-                retries=self.settings.llm_retries,
+            self.lanes.llm = LLMClient(
+                self.settings.llm_host, self.settings.llm_mode, retries=self.settings.llm_retries
             )
-        return self._llm
+        return self.lanes.llm
+
+    # ------------------------------------------------------------------ watches
 
     async def refresh_watches(self) -> None:
         watches = await self.queue.watches()
-        added = set(watches) - set(self.watches)
-        self.watches = watches
-        for wid in sorted(added):
-            w = watches[wid]
-            emb = await self.embedder(w.model)
-            if emb is not None and emb.dim != w.dim:
-                self.model_errors[w.model] = (
-                    f"model {w.model} makes {emb.dim} dimensions but {w.label} is vector({w.dim})"
+        for wid, w in watches.items():
+            old = self.watches.get(wid)
+            if old is None or old.version != w.version:
+                lanes = ", ".join(w.lanes)
+                log.info(
+                    "serving %s (model %s; lanes: %s)%s",
+                    w.label,
+                    w.model,
+                    lanes,
+                    f"; changing to {w.next_model}" if w.next_model else "",
+                    extra={"watch": wid, "action": "watch"},
                 )
-                log.error("refusing to serve %s: %s", w.label, self.model_errors[w.model])
-            lanes = "embed" + (", summary" if w.summary_column else "")
-            log.info("serving %s (model %s; lanes: %s)", w.label, w.model, lanes)
+            if w.trouble and (old is None or old.trouble != w.trouble):
+                log.error(
+                    "not serving %s: %s", w.label, w.trouble, extra={"watch": wid, "action": "unserved"}
+                )
+        self.watches = watches
+        wanted = {m for w in watches.values() for m in (w.model, w.next_model) if m and not w.trouble}
+        for name in wanted:
+            self.models.want(name)
+        self.models.forget(wanted)
+        self._check_servable()
+
+    def _check_servable(self) -> None:
+        unserved: dict[int, str] = {}
+        for w in self.watches.values():
+            if w.trouble:
+                unserved[w.id] = w.trouble
+                continue
+            for lane in ("embed", "next"):
+                model = w.model_of(lane)
+                if lane == "next" and not model:
+                    continue
+                assert model is not None
+                emb = self.models.get(model)
+                if emb is None and self.models.failed(model):
+                    unserved[w.id] = f"model {model} cannot be loaded: {self.models.error(model)}"
+                elif emb is not None and emb.dim != w.dim_of(lane):
+                    unserved[w.id] = (
+                        f"model {model} makes {emb.dim} dimensions but {w.label} holds "
+                        f"vector({w.dim_of(lane)})"
+                    )
+            why = self.llm_checked.get(w.llm_model or "", (None, 0.0))[0]
+            if w.summary_column and why:
+                unserved.setdefault(w.id, why)
+        for wid, why in unserved.items():
+            if self.unserved.get(wid) != why:
+                log.error("%s is not served: %s", self.watches[wid].label, why, extra={"watch": wid})
+        self.unserved = unserved
 
     def servable(self, lane: str) -> list[int]:
-        if lane == "embed":
-            return [
-                w.id
-                for w in self.watches.values()
-                if w.model in self.embedders and w.model not in self.model_errors
-            ]
-        return [w.id for w in self.watches.values() if w.summary_column and w.llm_model]
+        out = []
+        for w in self.watches.values():
+            if w.trouble:
+                continue
+            if lane == "summary":
+                checked = self.llm_checked.get(w.llm_model or "")
+                if w.summary_column and checked is not None and checked[0] is None:
+                    out.append(w.id)
+                continue
+            model = w.model_of(lane)
+            emb = self.models.get(model) if model else None
+            if emb is not None and emb.dim == w.dim_of(lane):
+                out.append(w.id)
+        return out
 
     def _on_notify(self, payload: str) -> None:
         if payload.isdigit() and int(payload) not in self.watches:
@@ -166,50 +222,52 @@ class Worker:
             with suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
         await self.pool.open(wait=False)
+        side: list[asyncio.Task[Any]] = []
+        slots: list[asyncio.Task[Any]] = []
         try:
             await self._wait_for_database()
+            if self.stop.is_set():
+                return self.exit_code
             await self.refresh_watches()
             if not self.watches:
                 log.warning("no table is watched yet: `autoembed watch TABLE --column COL`")
             await self._start_progress()
-            tasks = [asyncio.create_task(self.listener.run(self.stop), name="listener")]
-            tasks.append(asyncio.create_task(self._maintenance(), name="maintenance"))
-            slots = [
-                asyncio.create_task(self._slot("embed"), name=f"embed-{i}")
-                for i in range(self.settings.concurrency)
+            side = [
+                asyncio.create_task(self.listener.run(self.stop), name="listener"),
+                asyncio.create_task(self._heartbeat(), name="heartbeat"),
+                asyncio.create_task(self._housekeeping(), name="housekeeping"),
             ]
+            s = self.settings
+            slots = [asyncio.create_task(self._slot(i, False), name=f"embed-{i}") for i in range(s.concurrency)]
+            slots.append(asyncio.create_task(self._slot(s.concurrency, True), name="embed-fresh"))
             slots += [
-                asyncio.create_task(self._slot("summary"), name=f"summary-{i}")
-                for i in range(self.settings.summary_concurrency)
+                asyncio.create_task(self._summary_slot(), name=f"summary-{i}")
+                for i in range(s.summary_concurrency)
             ]
             log.info(
-                "worker %s running: %d embedding slot(s), %d summary slot(s)%s",
-                self.settings.worker_name,
-                self.settings.concurrency,
-                self.settings.summary_concurrency,
+                "worker %s running: %d embedding slot(s) (+1 for fresh rows), %d summary slot(s)%s",
+                s.worker_name,
+                s.concurrency,
+                s.summary_concurrency,
                 ", draining" if self.drain else "",
             )
-            await self.stop.wait()
-            _, pending = await asyncio.wait(slots, timeout=self.settings.shutdown_seconds)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            leftover = Claims()
-            for claims in (*self.in_flight.values(), self.orphans):
-                for token, ids in claims.held.items():
-                    leftover.held.setdefault(token, set()).update(ids)
-            if leftover:
-                with suppress(*DB_ERRORS):
-                    await self.queue.release_claims(leftover)
-                    log.info("released %d unfinished job(s) for other workers", len(leftover))
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._supervise(side, slots)
+            await self._shut_down(slots)
         finally:
+            for task in side + slots:
+                task.cancel()
+            await asyncio.gather(*side, *slots, return_exceptions=True)
+            for task in list(self._side_jobs):
+                task.cancel()
+            await asyncio.gather(*self._side_jobs, return_exceptions=True)
+            await self.models.aclose()
             if self._bar is not None:
                 self._bar.close()
-            if self._llm is not None:
-                await self._llm.aclose()
+            with suppress(Exception):
+                async with self.pool.connection(timeout=2.0) as conn:
+                    await conn.execute(q("worker_gone"), {"name": self.settings.worker_name})
+            if self.lanes.llm is not None:
+                await self.lanes.llm.aclose()
             await self.pool.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 with suppress(NotImplementedError, RuntimeError):
@@ -219,7 +277,51 @@ class Worker:
             self.done_rows,
             self.failed_jobs,
         )
-        return 0
+        return self.exit_code
+
+    async def _supervise(self, side: list[asyncio.Task[Any]], slots: list[asyncio.Task[Any]]) -> None:
+        """Wait for a stop; a side task or slot that ends by itself stops the worker."""
+        stopping = asyncio.create_task(self.stop.wait(), name="stop")
+        try:
+            done, _ = await asyncio.wait([stopping, *side, *slots], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        for task in done:
+            if task is stopping or task.cancelled():
+                continue
+            exc = task.exception()
+            if exc is None and (task in slots or self.stop.is_set()):
+                continue  # a drained slot, or a side task that saw the stop
+            log.critical(
+                "the %s task stopped%s; stopping the worker",
+                task.get_name(),
+                f": {type(exc).__name__}: {exc}" if exc else "",
+                exc_info=exc,
+                extra={"action": "crashed"},
+            )
+            self.exit_code = EXIT_CRASHED
+            self.request_stop(f"{task.get_name()} failed")
+
+    async def _shut_down(self, slots: list[asyncio.Task[Any]]) -> None:
+        _, pending = await asyncio.wait(slots, timeout=self.settings.shutdown_seconds)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        leftover = Claims()
+        for claims in (*self.claims.values(), self.orphans):
+            for token, ids in claims.held.items():
+                leftover.held.setdefault(token, set()).update(ids)
+        if leftover:
+            try:
+                await self.queue.release_claims(leftover)
+                log.info("released %d unfinished job(s) for other workers", len(leftover))
+            except Exception as exc:
+                log.warning(
+                    "could not release %d job(s) (%s): they go back to the queue when their "
+                    "lease runs out",
+                    len(leftover),
+                    describe(exc),
+                )
 
     def request_stop(self, why: str = "stop") -> None:
         if not self.stop.is_set():
@@ -238,9 +340,12 @@ class Worker:
                 raise AutoembedError(
                     "the autoembed schema is missing: run `autoembed migrate` first"
                 ) from exc
-            except DB_ERRORS as exc:
+            except Exception as exc:
+                if not is_db_outage(exc):
+                    raise
                 log.warning("database not reachable yet (%s); retrying", describe(exc))
-                await asyncio.sleep(delay)
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), delay)
                 delay = min(delay * 2, 10.0)
 
     async def _start_progress(self) -> None:
@@ -248,7 +353,7 @@ class Worker:
             return
         from tqdm import tqdm
 
-        counts = await self.queue.outstanding(list(self.watches), ["embed", "summary"])
+        counts = await self.queue.outstanding(list(self.watches), ["embed", "summary", "next"])
         self._bar = tqdm(
             total=counts["pending"] + counts["running"],
             unit="row",
@@ -259,79 +364,185 @@ class Worker:
 
     # ------------------------------------------------------------------ slots
 
-    async def _slot(self, lane: str) -> None:
+    async def _claim_embed(self, fresh_only: bool) -> tuple[str, list[Job]]:
         s = self.settings
-        lease = s.lease_seconds if lane == "embed" else s.summary_lease_seconds
-        limit = s.batch_size if lane == "embed" else 1
+        for kind in ("fresh",) if fresh_only else ("fresh", "backfill"):
+            for lane in ("embed", "next"):
+                ids = self.servable(lane)
+                if not ids:
+                    continue
+                limit = EMBED_CHUNK if kind == "fresh" else s.batch_size
+                jobs = await self.queue.claim(lane, kind, ids, limit, s.lease_seconds)
+                if jobs:
+                    return lane, jobs
+        return "embed", []
+
+    async def _slot(self, number: int, fresh_only: bool) -> None:
         while not self.stop.is_set():
-            try:
-                if self._refresh_needed:
-                    self._refresh_needed = False
+            if self._refresh_needed:
+                self._refresh_needed = False
+                with suppress(Exception):
                     await self.refresh_watches()
-                watch_ids = self.servable(lane)
-                jobs = []
-                if watch_ids:
-                    jobs = await self.queue.claim(lane, watch_ids, limit, lease)
-                    self._db_up()
-            except DB_ERRORS as exc:
+            try:
+                lane, jobs = await self._claim_embed(fresh_only)
+                self._db_up()
+            except Exception as exc:
+                if not is_db_outage(exc):
+                    raise
                 await self._db_down(exc)
                 continue
             if not jobs:
-                if self.drain and await self._drained():
+                if self.drain and not fresh_only and await self._drained():
                     self.request_stop("queue drained")
                     return
                 await self._idle()
                 continue
-            self.metrics.claimed.labels(lane).inc(len(jobs))
-            self.in_flight[lane].add(jobs)
-            started = time.perf_counter()
-            try:
-                if lane == "embed":
-                    await self._embed_jobs(jobs)
-                else:
-                    await self._summary_jobs(jobs)
-                self.metrics.batch_seconds.labels(lane).observe(time.perf_counter() - started)
-            except DB_ERRORS as exc:
-                self.orphans.add(jobs)  # released once the database answers again
-                await self._db_down(exc)
-            except ModelChanged as exc:
-                log.warning("%s; reloading watches", exc)
-                self.orphans.add(jobs)
-                with suppress(*DB_ERRORS):
-                    await self.refresh_watches()
-            except Exception as exc:  # a refusal (a missing grant, say) or a bug
-                log.error("%s batch failed: %s", lane, describe(exc), exc_info=True)
-                try:  # count it against the jobs: they end as failed, with the reason
-                    for job in jobs:
-                        await self._fail(job, lane, f"{type(exc).__name__}: {describe(exc)}")
-                except Exception:
-                    self.orphans.add(jobs)
-                await asyncio.sleep(min(self.settings.poll_seconds, 5.0))
-            finally:
-                self.in_flight[lane].remove(jobs)
+            await self._work(lane, jobs, lambda b: self.lanes.embed_claim(b, self.watches, self.models.get))
 
-    async def _idle(self) -> None:
+    async def _summary_slot(self) -> None:
+        s = self.settings
+        while not self.stop.is_set():
+            if time.monotonic() < self.llm_down_until:
+                await self._idle(until=self.llm_down_until)
+                continue
+            await self._check_llm_models()
+            try:
+                ids = self.servable("summary")
+                jobs = await self.queue.claim("summary", "fresh", ids, 1, s.summary_lease_seconds)
+                if not jobs:
+                    jobs = await self.queue.claim("summary", "backfill", ids, 1, s.summary_lease_seconds)
+                self._db_up()
+            except Exception as exc:
+                if not is_db_outage(exc):
+                    raise
+                await self._db_down(exc)
+                continue
+            if not jobs:
+                await self._idle()
+                continue
+            self.llm()
+            await self._work("summary", jobs, lambda b: self.lanes.summary_claim(b, self.watches))
+
+    async def _work(self, lane: str, jobs: list[Job], run: Callable[[Batch], Any]) -> None:
+        """One claim, accounted for: whatever happens, each of its jobs ends once."""
+        self.metrics.claimed.labels(lane).inc(len(jobs))
+        registry = self.claims[lane]
+        registry.add(jobs)
+        batch = Batch.of(lane, jobs, registry)
+        started = time.perf_counter()
+        try:
+            await run(batch)
+            self.metrics.batch_seconds.labels(lane).observe(time.perf_counter() - started)
+        except asyncio.CancelledError:
+            raise  # shutdown: run() releases what is still claimed
+        except WatchChanged as exc:
+            log.info("%s; reloading watches", exc, extra={"lane": lane, "action": "watch_changed"})
+            await self._give_back(batch, lane)
+            self._refresh_needed = True
+        except Exception as exc:
+            outcome = classify(exc)
+            if outcome is Outcome.OUTAGE and lane == "summary" and not is_db_outage(exc):
+                self._llm_down(exc)
+                await self._give_back(batch, lane)
+            elif outcome is Outcome.OUTAGE:
+                self.orphans.add(batch.jobs())  # released once the database answers again
+                batch.take(batch.jobs())
+                await self._db_down(exc)
+            elif outcome is Outcome.BUSY:
+                log.info(
+                    "%s batch gave way to a lock held by the application (%s); retrying later",
+                    lane,
+                    describe(exc),
+                    extra={"lane": lane, "action": "busy"},
+                )
+                await self._give_back(batch, lane, delay=2.0)
+            else:
+                log.error(
+                    "%s batch failed: %s", lane, describe(exc), exc_info=True, extra={"lane": lane}
+                )
+                try:  # charged once, to the jobs the failure interrupted
+                    await self.lanes.fail(
+                        batch, batch.jobs(), f"{type(exc).__name__}: {describe(exc)}",
+                        final=outcome is Outcome.FAIL,
+                    )
+                except Exception as again:
+                    if not is_db_outage(again):
+                        raise
+                    self.orphans.add(batch.jobs())
+                    batch.take(batch.jobs())
+        finally:
+            self.failed_jobs += batch.failed_for_good
+            batch.failed_for_good = 0
+
+    async def _give_back(self, batch: Batch, lane: str, delay: float = 0.0) -> None:
+        try:
+            await self.lanes.release(batch, batch.jobs(), delay)
+        except Exception as exc:
+            if not is_db_outage(exc):
+                raise
+            self.orphans.add(batch.jobs())
+            batch.take(batch.jobs())
+
+    async def _idle(self, until: float | None = None) -> None:
         timeout = self.settings.poll_seconds
         if self._next_due is not None:
             timeout = max(0.01, min(timeout, self._next_due - time.monotonic()))
+        if until is not None:
+            timeout = max(0.01, min(timeout, until - time.monotonic()))
         with suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout)
         self.wake.clear()
 
     async def _drained(self) -> bool:
-        if any(self.in_flight.values()):
+        """--drain: nothing in flight, nothing left that this worker can serve. Watches it
+        cannot serve end the drain with an error that names them (``exit_code``)."""
+        if any(self.claims.values()) or self.orphans:
             return False
-        lanes = ["embed"] + (["summary"] if self.servable("summary") else [])
+        loading = {
+            w.id
+            for w in self.watches.values()
+            if not w.trouble and any(self.models.loading(m) for m in (w.model, w.next_model) if m)
+        }
+        if loading:
+            return False
+        self._check_servable()
+        served = [w for w in self.watches if w not in self.unserved]
+        lanes = ["embed", "next"] + (["summary"] if self.servable("summary") else [])
         try:
-            counts = await self.queue.outstanding(list(self.watches), lanes)
-        except DB_ERRORS:
+            counts = await self.queue.outstanding(served, lanes)
+            everything = await self.queue.outstanding(list(self.watches), ["embed", "next", "summary"])
+        except Exception as exc:
+            if not is_db_outage(exc):
+                raise
             return False
         if self._bar is not None:
             self._bar.total = max(self._bar.total or 0, self._bar.n + counts["pending"])
             self._bar.refresh()
         due = counts["next_due_seconds"]
         self._next_due = None if due is None else time.monotonic() + max(due, 0.0)
-        return bool(counts["pending"] + counts["running"] == 0)
+        if counts["pending"] + counts["running"]:
+            return False
+        # a deferred index or a model change still to finish (housekeeping does it)
+        unfinished = [
+            w for w in self.watches.values()
+            if w.id not in self.unserved and (w.next_model or w.index_state == "deferred")
+            and w.id not in self.index_problems
+        ]
+        if unfinished:
+            self._refresh_needed = True
+            await self._indexes_and_migrations()
+            return False
+        if everything["pending"] + everything["running"]:
+            waiting = {
+                wid: why for wid, why in self.unserved.items()
+            } or {0: "summaries wait for an LLM server that cannot be used"}
+            if not self.servable("summary") and self.llm_problem:
+                waiting.setdefault(0, self.llm_problem)
+            for wid, why in waiting.items():
+                label = self.watches[wid].label if wid in self.watches else "summary lane"
+                log.error("left unserved: %s: %s", label, why, extra={"watch": wid})
+            self.exit_code = EXIT_UNSERVED
+        return True
 
     def _db_up(self) -> None:
         if not self.db_ok:
@@ -340,24 +551,60 @@ class Worker:
 
     async def _db_down(self, exc: BaseException) -> None:
         if self.db_ok:
-            log.warning("database unreachable (%s); retrying with backoff", describe(exc))
+            log.warning(
+                "database unreachable (%s); retrying with backoff",
+                describe(exc),
+                extra={"action": "db_down"},
+            )
         self.db_ok = False
-        await asyncio.sleep(random.uniform(0.3, 1.0))
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), 0.5)
 
-    def _delay(self, attempts: int) -> float:
-        s = self.settings
-        base = min(s.backoff_max_seconds, s.backoff_seconds * 2.0 ** max(attempts, 0))
-        return base * random.uniform(0.5, 1.5)
+    def _llm_down(self, exc: BaseException) -> None:
+        self.llm_pause = min(30.0, max(1.0, self.llm_pause * 2))
+        self.llm_down_until = time.monotonic() + self.llm_pause
+        if self.llm_problem is None:
+            log.warning(
+                "the LLM server is unreachable (%s); the summary lane pauses and probes it "
+                "(no attempt is charged to the rows)",
+                exc,
+                extra={"lane": "summary", "action": "llm_down"},
+            )
+        self.llm_problem = f"LLM server unreachable: {exc}"
 
-    async def _fail(self, job: Job, lane: str, error: str, final: bool = False) -> None:
-        max_attempts = job.attempts + 1 if final else self.settings.max_attempts
-        status = await self.queue.fail(job, error, self._delay(job.attempts), max_attempts)
-        self.metrics.failed.labels(lane).inc()
-        if status == "failed":
-            self.failed_jobs += 1
-            log.error("job %d (row %s) failed for good: %s", job.id, job.pk, error)
-        else:
-            log.warning("job %d (row %s) failed, will retry: %s", job.id, job.pk, error)
+    async def _check_llm_models(self) -> None:
+        """Before serving a summary watch: is its model on the server? (A server that
+        answers with whatever it loaded would otherwise write another model's text.)"""
+        from .errors import LLMModelMissing
+
+        now = time.monotonic()
+        wanted = {w.llm_model for w in self.watches.values() if w.summary_column and w.llm_model}
+        for model in sorted(m for m in wanted if m is not None):
+            checked = self.llm_checked.get(model)
+            # checked once; a refusal again after a minute; after an outage, a probe
+            if checked is not None and not self.llm_problem and (
+                checked[0] is None or now - checked[1] < 60
+            ):
+                continue
+            try:
+                await self.llm().require_model(model)
+            except LLMModelMissing as exc:
+                if checked is None or checked[0] != str(exc):
+                    log.error("%s", exc, extra={"lane": "summary", "action": "llm_model_missing"})
+                self.llm_checked[model] = (str(exc), now)
+            except Exception as exc:
+                if classify(exc) is Outcome.OUTAGE:
+                    self._llm_down(exc)
+                    return
+                self.llm_checked[model] = (str(exc), now)
+                log.error("cannot use LLM model %s: %s", model, exc, extra={"lane": "summary"})
+            else:
+                self.llm_checked[model] = (None, now)
+                if self.llm_problem is not None:
+                    log.info("the LLM server answers again", extra={"lane": "summary"})
+                self.llm_problem = None
+                self.llm_pause = 0.0
+                self.llm_down_until = 0.0
 
     def _finished(self, lane: str, watch: Watch, n: int, stale: int) -> None:
         self.done_rows += n
@@ -366,142 +613,165 @@ class Worker:
             self._bar.update(n)
         if stale:
             log.info(
-                "%s: %d row(s) changed while being processed; queued again", watch.label, stale
+                "%s: %d row(s) changed while being processed; queued again",
+                watch.label,
+                stale,
+                extra={"watch": watch.id, "lane": lane, "action": "stale"},
             )
 
-    # ------------------------------------------------------------------ embedding
+    # ------------------------------------------------------------------ side tasks
 
-    async def _embed_jobs(self, jobs: Sequence[Job]) -> None:
-        by_watch: dict[int, list[Job]] = defaultdict(list)
-        for job in jobs:
-            by_watch[job.watch_id].append(job)
-        for wid, group in by_watch.items():
-            watch = self.watches.get(wid)
-            emb = await self.embedder(watch.model) if watch else None
-            if watch is None or emb is None:
-                await self.queue.release(group)
-                continue
-            read = await self._read(watch, emb, [j.pk for j in group])
-            todo = {pk: t for pk, t in read.text.items() if t}
-            vectors, errors = await self._embed(emb, todo)
-            for job in group:
-                if job.pk in errors:
-                    await self._fail(job, "embed", errors[job.pk])
-            ok = [j for j in group if j.pk not in errors]
-            out = await self.queue.finish(watch, "embed", ok, read, vectors)
-            self._finished("embed", watch, out.done, len(out.stale))
-
-    async def _read(self, watch: Watch, emb: Embedder, pks: list[str]) -> Texts:
-        """The rows' text, as much of it as the model can read: a generous prefix, and the
-        whole text in the rare case that the prefix holds fewer tokens than the model takes
-        (long runs of whitespace or markup)."""
-        read = await self.queue.read_texts(watch, pks, emb.max_tokens * CHARS_PER_TOKEN)
-        if read.cut:
-            cut = sorted(read.cut)
-            prefixes = [read.text[p] or "" for p in cut]
-            lengths = (await asyncio.to_thread(emb.encode, prefixes)).lengths
-            short = [p for p, n in zip(cut, lengths, strict=True) if n < emb.max_tokens]
-            if short:
-                read.update(await self.queue.read_texts(watch, short))
-        return read
-
-    async def _embed(
-        self, emb: Embedder, todo: dict[str, str]
-    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-        """Vectors for the texts, and errors for those that could not be embedded.
-
-        The texts are taken longest first in chunks (little padding across the whole
-        claim); between chunks a shutdown may stop the work, and the rest stays queued."""
-        pks = sorted(todo, key=lambda p: len(todo[p]), reverse=True)
-        good: dict[str, np.ndarray] = {}
-        bad: dict[str, str] = {}
-        for start in range(0, len(pks), EMBED_CHUNK):
-            if self.stop.is_set():
-                break
-            chunk = pks[start : start + EMBED_CHUNK]
-            async with self.engine_lock:
-                try:
-                    vectors = await asyncio.to_thread(emb.embed, [todo[p] for p in chunk])
-                    good.update(zip(chunk, vectors, strict=True))
-                    continue
-                except Exception as exc:
-                    log.warning(
-                        "a batch of %d failed (%s); embedding its texts one by one", len(chunk), exc
+    async def _heartbeat(self) -> None:
+        """Renew the leases of the work in flight, every lease/3, and say this worker is
+        alive. Jobs whose lease is gone are marked lost: their batch does not write them."""
+        s = self.settings
+        while not self.stop.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), s.lease_seconds / 3)
+            try:
+                for lane, claims in self.claims.items():
+                    lease = s.summary_lease_seconds if lane == "summary" else s.lease_seconds
+                    lost = await self.queue.heartbeat(claims, lease)
+                    if lost:
+                        self.lost.update(lost)
+                        log.warning(
+                            "%d %s job(s) lost their lease (taken over after expiry, or queued "
+                            "again): they will not be written by this worker",
+                            len(lost),
+                            lane,
+                            extra={"lane": lane, "action": "lease_lost"},
+                        )
+                async with self.pool.connection() as conn:
+                    await conn.execute(
+                        q("worker_seen"),
+                        {"name": s.worker_name, "problems": json.dumps(self.problems())},
                     )
-                for p in chunk:
-                    try:
-                        good[p] = (await asyncio.to_thread(emb.embed, [todo[p]]))[0]
-                    except Exception as exc:
-                        bad[p] = f"{type(exc).__name__}: {exc}"
-        return good, bad
+                self._db_up()
+            except Exception as exc:
+                if not is_db_outage(exc):
+                    raise
+                await self._db_down(exc)
 
-    # ------------------------------------------------------------------ summaries
+    def problems(self) -> dict[str, str]:
+        out = {f"watch {wid}": why for wid, why in self.unserved.items()}
+        out.update({f"model {m}": e for m, e in self.model_errors.items()})
+        if self.llm_problem:
+            out["llm"] = self.llm_problem
+        out.update({f"index of watch {wid}": why for wid, why in self.index_problems.items()})
+        return out
 
-    async def _summary_jobs(self, jobs: Sequence[Job]) -> None:
-        from .llm import DEFAULT_SUMMARY_PROMPT, GenerateOptions, render_prompt
-
-        for job in jobs:
-            watch = self.watches.get(job.watch_id)
-            if watch is None or not watch.llm_model:
-                await self.queue.release([job])
-                continue
-            rows, read = await self.queue.read_rows(watch, [job.pk])
-            row = rows.get(job.pk)
-            text = read.text.get(job.pk)
-            results: dict[str, Any] = {}
-            if row is not None and text:
-                try:
-                    prompt = render_prompt(watch.llm_prompt or DEFAULT_SUMMARY_PROMPT, row)
-                    options = GenerateOptions.from_mapping(watch.llm_options or {})
-                    results[job.pk] = (
-                        await self.llm().generate(watch.llm_model, prompt, options)
-                    ).strip()
-                except LLMModelMissing as exc:
-                    await self._fail(job, "summary", str(exc), final=True)
-                    continue
-                except LLMError as exc:
-                    await self._fail(job, "summary", str(exc))
-                    continue
-            out = await self.queue.finish(watch, "summary", [job], read, results)
-            self._finished("summary", watch, out.done, len(out.stale))
-
-    # ------------------------------------------------------------------ housekeeping
-
-    async def _maintenance(self) -> None:
+    async def _housekeeping(self) -> None:
         s = self.settings
         last_prune = 0.0
-        last_beat = time.monotonic()
         while not self.stop.is_set():
-            tick = min(s.poll_seconds, s.lease_seconds / 3)
-            with suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), tick)
-            if self.stop.is_set():
-                return
             try:
-                now = time.monotonic()
-                if now - last_beat >= s.lease_seconds / 3:
-                    await self.queue.heartbeat(self.in_flight["embed"], s.lease_seconds)
-                    await self.queue.heartbeat(self.in_flight["summary"], s.summary_lease_seconds)
-                    last_beat = now
                 if self.orphans:
                     await self.queue.release_claims(self.orphans)
                     log.info(
                         "released %d job(s) left unfinished by a lost connection", len(self.orphans)
                     )
                     self.orphans = Claims()
-                reaped = await self.queue.reap()
+                reaped = await self.queue.reap(s.max_attempts)
                 if reaped:
+                    failed = sum(1 for _, status in reaped if status == "failed")
                     log.warning(
-                        "%d job(s) outlived their lease (a worker died?); queued again", reaped
+                        "%d job(s) outlived their lease (a worker died?): queued again with an "
+                        "attempt charged%s",
+                        len(reaped),
+                        f"; {failed} failed for good" if failed else "",
+                        extra={"action": "reaped"},
                     )
+                now = time.monotonic()
                 if now - last_prune > 60:
                     await self.queue.prune()
                     last_prune = now
                 await self.refresh_watches()
-                counts = await self.queue.outstanding(list(self.watches), ["embed", "summary"])
+                counts = await self.queue.outstanding(list(self.watches), ["embed", "summary", "next"])
                 for status in ("pending", "running", "failed"):
                     self.metrics.queue_depth.labels(status).set(counts[status])
+                await self._indexes_and_migrations()
                 self._db_up()
-            except DB_ERRORS as exc:
+            except Exception as exc:
+                if not is_db_outage(exc):
+                    raise
                 await self._db_down(exc)
             self.wake.set()  # the poll fallback: look for work now and then
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), min(s.poll_seconds, s.lease_seconds / 3))
+
+    async def _indexes_and_migrations(self) -> None:
+        """Deferred HNSW indexes are built once a watch's backfill is done (whatever fresh
+        work arrives meanwhile); a model change is finished once its new vectors cover
+        every row and their index is built."""
+        for w in list(self.watches.values()):
+            if w.trouble or any(t.get_name() == f"index {w.id}" for t in self._side_jobs):
+                continue
+            if w.next_model:
+                if await self.queue.left(w.id, "next", backfill_only=False) == 0:
+                    self._side(self._finish_migration(w), f"index {w.id}")
+            elif w.index_state == "deferred":
+                if await self.queue.left(w.id, "embed", backfill_only=True) == 0:
+                    self._side(self._build_index(w), f"index {w.id}")
+
+    def _side(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._side_jobs.add(task)
+        task.add_done_callback(self._side_jobs.discard)
+
+    async def _build_index(self, w: Watch) -> bool:
+        """CREATE INDEX CONCURRENTLY (outside any transaction, writes go on), with the
+        maintenance memory and parallel workers the settings and the server allow."""
+        s = self.settings
+        try:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute("SELECT autoembed.index_sql(%s, true)", (w.id,))
+                row = await cur.fetchone()
+                statement = row[0] if row else None
+                if statement:
+                    log.info("building the HNSW index of %s: %s", w.label, statement, extra={"watch": w.id})
+                    started = time.perf_counter()
+                    await conn.execute(
+                        "SELECT pg_catalog.set_config('maintenance_work_mem', %s, false), "
+                        "pg_catalog.set_config('max_parallel_maintenance_workers', "
+                        "least(pg_catalog.current_setting('max_parallel_workers')::int, 8)::text, false)",
+                        (s.index_memory,),
+                    )
+                    await conn.execute(statement)
+                    log.info(
+                        "built the HNSW index of %s in %.1f s", w.label, time.perf_counter() - started,
+                        extra={"watch": w.id, "action": "index_built"},
+                    )
+                if not w.next_model:
+                    await conn.execute(q("index_built"), {"watch": w.id})
+            self.index_problems.pop(w.id, None)
+            return True
+        except Exception as exc:
+            if is_db_outage(exc):
+                return False
+            why = describe(exc)
+            if self.index_problems.get(w.id) != why:
+                log.error(
+                    "cannot build the HNSW index of %s (%s): search scans the table until it "
+                    "exists; build it as the table's owner with `autoembed index %s`",
+                    w.label, why, f"{w.schema}.{w.table_name}",
+                    extra={"watch": w.id, "action": "index_failed"},
+                )
+            self.index_problems[w.id] = why
+            return False
+
+    async def _finish_migration(self, w: Watch) -> None:
+        if not await self._build_index(w) and w.id not in self.index_problems:
+            return  # the database went away: next time
+        async with self.pool.connection() as conn:
+            cur = await conn.execute("SELECT autoembed.finish_migration(%s)", (w.id,))
+            row = await cur.fetchone()
+        why = row[0] if row else None
+        if why is None:
+            log.info(
+                "%s now uses %s: the new vectors were swapped in", w.label, w.next_model,
+                extra={"watch": w.id, "action": "model_swapped"},
+            )
+            self._refresh_needed = True
+            self.wake.set()
+        else:
+            log.info("model change of %s not finished: %s", w.label, why, extra={"watch": w.id})

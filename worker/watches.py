@@ -63,36 +63,44 @@ async def watch(
     llm_model: str | None = None,
     llm_prompt: str | None = None,
     llm_options: Mapping[str, Any] | None = None,
+    template: str | None = None,
+    index: str = "auto",
 ) -> dict[str, Any]:
+    """Watch a table (one transaction: a refused watch leaves nothing behind, a model
+    directory it would have registered included)."""
     try:
-        key = await ensure_model(conn, model)
-        cur = await conn.execute(
-            "SELECT autoembed.watch(source => %s::regclass, content_column => %s, "
-            "embedding_column => %s, model => %s, match_function => %s, summary_column => %s, "
-            "llm_model => %s, llm_prompt => %s, llm_options => %s::jsonb)",
-            (
-                table,
-                column,
-                embedding_column,
-                key,
-                match_function,
-                summary_column,
-                llm_model,
-                llm_prompt,
-                json.dumps(dict(llm_options or {})),
-            ),
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        watch_id = row[0]
-        info = await fetch_dicts(
-            conn,
-            "SELECT w.id, w.source::text AS source, w.model, w.dim, "
-            "w.match_function::text AS match_function, "
-            "(SELECT count(*) FROM autoembed.jobs j WHERE j.watch_id = w.id) AS queued "
-            "FROM autoembed.watches w WHERE w.id = %s",
-            (watch_id,),
-        )
+        async with conn.transaction():
+            key = await ensure_model(conn, model)
+            cur = await conn.execute(
+                "SELECT autoembed.watch(source => %s::regclass, content_column => %s, "
+                "embedding_column => %s, model => %s, match_function => %s, "
+                "summary_column => %s, llm_model => %s, llm_prompt => %s, "
+                "llm_options => %s::jsonb, template => %s, index => %s)",
+                (
+                    table,
+                    column,
+                    embedding_column,
+                    key,
+                    match_function,
+                    summary_column,
+                    llm_model,
+                    llm_prompt,
+                    json.dumps(dict(llm_options or {})),
+                    template,
+                    index,
+                ),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            watch_id = row[0]
+            info = await fetch_dicts(
+                conn,
+                "SELECT w.id, w.source::text AS source, w.model, w.dim, w.next_model, "
+                "w.match_function::text AS match_function, w.index_state, "
+                "(SELECT count(*) FROM autoembed.jobs j WHERE j.watch_id = w.id) AS queued "
+                "FROM autoembed.watches w WHERE w.id = %s",
+                (watch_id,),
+            )
         return info[0]
     except psycopg.Error as exc:
         raise WatchError(f"cannot watch {table}.{column}: {describe(exc)}") from exc
@@ -101,10 +109,18 @@ async def watch(
 async def unwatch(
     conn: psycopg.AsyncConnection[Any], table: str, embedding_column: str, drop_column: bool
 ) -> bool:
+    """Stop watching TABLE (its EMBEDDING_COLUMN), or a watch given by its id (as
+    `autoembed status` lists them; also a watch whose table was dropped)."""
     try:
-        cur = await conn.execute(
-            "SELECT autoembed.unwatch(%s::regclass, %s, %s)", (table, embedding_column, drop_column)
-        )
+        if table.isdigit():
+            cur = await conn.execute(
+                "SELECT autoembed.drop_watch(%s::integer, %s)", (int(table), drop_column)
+            )
+        else:
+            cur = await conn.execute(
+                "SELECT autoembed.unwatch(%s::regclass, %s, %s)",
+                (table, embedding_column, drop_column),
+            )
         row = await cur.fetchone()
         return bool(row and row[0])
     except psycopg.Error as exc:
@@ -135,12 +151,16 @@ async def find_watch(
     try:
         rows = await fetch_dicts(
             conn,
-            "SELECT w.id, w.model, w.dim, w.embedding_column, w.content_column, w.pk_column, "
+            "SELECT w.id, w.model, w.dim, "
+            "autoembed._attname(w.source, w.embedding_attnum) AS embedding_column, "
+            "autoembed._attname(w.source, w.content_attnum) AS content_column, "
+            "autoembed._attname(w.source, w.pk_attnum) AS pk_column, "
             "n.nspname AS fn_schema, p.proname AS fn_name "
             "FROM autoembed.watches w "
             "LEFT JOIN pg_proc p ON p.oid = w.match_function::oid "
             "LEFT JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE w.source = %s::regclass AND (%s::name IS NULL OR w.embedding_column = %s) "
+            "WHERE w.source = %s::regclass "
+            "AND (%s::name IS NULL OR autoembed._attname(w.source, w.embedding_attnum) = %s) "
             "ORDER BY w.id",
             (table, embedding_column, embedding_column),
         )
