@@ -112,6 +112,9 @@ AS $$
 DECLARE
     transient boolean;
 BEGIN
+    -- privileges first: ALTER OWNER carries them over to the new owner
+    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO autoembed_workers', fn);
     IF (SELECT proowner FROM pg_proc WHERE oid = fn) = owner THEN
         RETURN;
     END IF;
@@ -121,9 +124,6 @@ BEGIN
                                 owner::regrole, owner::regrole, current_user),
                   ERRCODE = 'insufficient_privilege';
     END IF;
-    -- privileges first: ALTER OWNER carries them over to the new owner
-    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO autoembed_workers', fn);
     transient := NOT has_schema_privilege(owner, 'autoembed', 'CREATE')
                  AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user);
     IF transient THEN
@@ -565,13 +565,25 @@ BEGIN
                  FROM %9$s AS t
                 WHERE (t.%7$I OPERATOR(%8$I.<=>) query_embedding)
                       OPERATOR(pg_catalog.<) (1::double precision OPERATOR(pg_catalog.-) match_threshold)
+                  -- the key and text columns are still of the types they were made for: a
+                  -- column retyped to a type with a cast of someone else's is never read
+                  AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a
+                        WHERE a.attrelid OPERATOR(pg_catalog.=) %10$s::pg_catalog.oid
+                          AND NOT a.attisdropped
+                          AND ((a.attnum OPERATOR(pg_catalog.=) %11$s AND a.atttypid OPERATOR(pg_catalog.=) %12$s::pg_catalog.oid)
+                            OR (a.attnum OPERATOR(pg_catalog.=) %13$s AND a.atttypid OPERATOR(pg_catalog.=) %14$s::pg_catalog.oid)))
+                      OPERATOR(pg_catalog.=) 2
                 ORDER BY t.%7$I OPERATOR(%8$I.<=>) query_embedding
                 LIMIT match_count
            $body$$f$,
         rel_schema, match_name, autoembed.vector_type(w.dim),
         (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
           WHERE a.attrelid = w.source AND a.attnum = w.pk_attnum),
-        pk_name, content_name, emb_name, vschema, w.source);
+        pk_name, content_name, emb_name, vschema, w.source,
+        w.source::oid, w.pk_attnum,
+        (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = w.source AND a.attnum = w.pk_attnum),
+        w.content_attnum,
+        (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = w.source AND a.attnum = w.content_attnum));
     BEGIN
         EXECUTE statement;
     EXCEPTION WHEN invalid_function_definition THEN
@@ -919,7 +931,9 @@ BEGIN
     END IF;
 
     wid := w.id;
-    changed := w.embed_inputs IS DISTINCT FROM embed_in OR w.template IS DISTINCT FROM watch.template;
+    -- other inputs, or a watch that could not be served (rows changed unseen): every row
+    changed := w.embed_inputs IS DISTINCT FROM embed_in OR w.template IS DISTINCT FROM watch.template
+               OR autoembed.watch_problem(w.id) IS NOT NULL;
     UPDATE autoembed.watches x
        SET content_column = content, content_attnum = content_num, pk_attnum = pk_nums[1],
            summary_column = watch.summary_column, summary_attnum = summary_num,

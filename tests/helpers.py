@@ -57,15 +57,17 @@ def settings(db_url: str, **overrides: Any) -> Settings:
     return Settings(**base)
 
 
-async def drain(db_url: str, embedder: Any, **overrides: Any) -> Worker:
+async def drain(db_url: str, embedder: Any, expect: int = 0, **overrides: Any) -> Worker:
+    """Run a worker until the queue is empty; ``expect`` is its exit code (3: some watch
+    could not be served)."""
     worker = Worker(
         settings(db_url, **overrides),
         drain=True,
         progress=False,
         embedder_factory=lambda _name: embedder,
     )
-    code = await asyncio.wait_for(worker.run(), 120)
-    assert code == 0
+    code = await asyncio.wait_for(worker.run(), 300)
+    assert code == expect, f"the worker exited {code}, not {expect}"
     return worker
 
 

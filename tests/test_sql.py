@@ -24,7 +24,13 @@ async def test_migrate_is_idempotent(db_url: str) -> None:
     assert again.applied == []
     assert again.already == ["0001_schema", "0002_safe_watches", "0003_model_migrations"]
     assert again.repeatable == [
-        "05_roles", "10_helpers", "20_queue", "30_watch", "35_ddl", "40_status", "50_grants"
+        "05_roles",
+        "10_helpers",
+        "20_queue",
+        "30_watch",
+        "35_ddl",
+        "40_status",
+        "50_grants",
     ]
 
 
@@ -229,10 +235,18 @@ async def test_a_refused_write_fails_the_job_with_the_reason(
     await make_documents(db)
     await watch_documents(db)
     await db.execute("INSERT INTO documents (content) VALUES ('cannot be written')")
+    # the table's own rule refuses the vector: its owner's trigger raises
+    await db.execute(
+        """CREATE FUNCTION no_vectors() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN RAISE EXCEPTION 'vectors are frozen on this table'; END $$"""
+    )
+    await db.execute(
+        "CREATE TRIGGER frozen BEFORE UPDATE OF embedding ON documents "
+        "FOR EACH ROW EXECUTE FUNCTION no_vectors()"
+    )
     await db.execute("DROP ROLE IF EXISTS autoembed_weak")
     await db.execute("CREATE ROLE autoembed_weak LOGIN")
     await db.execute("SELECT autoembed.grant_worker('autoembed_weak')")
-    await db.execute("REVOKE UPDATE (embedding) ON documents FROM autoembed_weak")
     dsn = server.dsn(db.info.dbname, user="autoembed_weak")
     env = worker_env(dsn, AUTOEMBED_MAX_ATTEMPTS="2", AUTOEMBED_BACKOFF_SECONDS="0.05")
     done = await asyncio.to_thread(
@@ -248,4 +262,4 @@ async def test_a_refused_write_fails_the_job_with_the_reason(
     assert done.returncode == 0, done.stderr
     failed = await fetch(db, "SELECT attempts, last_error FROM autoembed.failed_jobs")
     assert len(failed) == 1 and failed[0][0] == 2
-    assert "permission denied for table documents" in failed[0][1]
+    assert "vectors are frozen on this table" in failed[0][1]

@@ -86,6 +86,15 @@ def _llm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, help="default 40")
     p.add_argument("--top-p", type=float, help="default 0.9")
     p.add_argument("--repeat-penalty", type=float, help="default 1.1")
+    p.add_argument(
+        "--repeat-last-n",
+        type=int,
+        dest="repeat_penalty_last_n_token_count",
+        metavar="N",
+        help="tokens the repeat penalty looks back on (default 64; -1: the whole context). "
+        "openai mode: llama.cpp's llama-server and llamafile honour it, llama-cpp-python "
+        "does not (its --last_n_tokens_size)",
+    )
     p.add_argument("--timeout", type=float, help="seconds for the whole answer (default 60)")
 
 
@@ -450,10 +459,9 @@ async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if not rows:
         print("no rows found (are the vectors written yet? see `autoembed status`)")
-    content = found["content_column"]
     for r in rows:
-        snippet = " ".join(str(r[content]).split())[:110]
-        print(f"{r['similarity']:.3f}  {r[found['pk_column']]}  {snippet}")
+        snippet = " ".join(str(r["content"]).split())[:110]
+        print(f"{r['similarity']:.3f}  {r['id']}  {snippet}")
     return 0
 
 
@@ -517,25 +525,31 @@ async def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
     from .llm import GenerateOptions, LLMClient
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    given = {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "repeat_penalty": args.repeat_penalty,
-        "timeout": args.timeout,
-    }
+    names = ["max_tokens", "temperature", "top_k", "top_p", "repeat_penalty"]
+    names += ["repeat_penalty_last_n_token_count", "timeout"]
+    given = {name: getattr(args, name) for name in names}
     options = GenerateOptions.from_mapping({k: v for k, v in given.items() if v is not None})
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     mode = args.llm_mode or settings.llm_mode
-    async with LLMClient(args.llm_host or settings.llm_host, mode) as client:
-        if args.stream:
+    host = args.llm_host or settings.llm_host
+    async with LLMClient(host, mode, retries=settings.llm_retries) as client:
+        # Some servers answer with whatever model they loaded, whatever is asked for.
+        await client.require_model(args.llm_model)
+        if not args.stream:
+            print(await client.generate(args.llm_model, prompt, options))
+            return 0
+        wrote = False
+        try:
             async for piece in client.stream(args.llm_model, prompt, options):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-            sys.stdout.write("\n")
-        else:
-            print(await client.generate(args.llm_model, prompt, options))
+                wrote = True
+        except BaseException:
+            if wrote:  # end the partial line before the error message
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+            raise
+        sys.stdout.write("\n")
     return 0
 
 

@@ -42,6 +42,13 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_inputs: int = 256
     worker_name: str = ""
+    index_memory: str = "1GB"  # maintenance_work_mem while the worker builds an HNSW index
+    # the HTTP server's limits (worker/http/connections.py) and Host/Origin rules (hosts.py)
+    http_header_timeout: float = 10.0  # seconds from connect (or last answer) to a whole head
+    http_body_timeout: float = 30.0  # seconds from the end of the head to the end of the body
+    http_max_connections: int = 1000  # open connections; past it the oldest unfinished closes
+    http_allowed_hosts: str = ""  # comma-separated extra Host names (name or name:port)
+    http_allowed_origins: str = ""  # comma-separated extra Origins (scheme://host[:port])
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -71,6 +78,8 @@ class Settings:
             raise ConfigError(f"llm_mode must be ollama or openai, not {self.llm_mode!r}")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError("threads must be positive")
+        for name in ("http_header_timeout", "http_body_timeout", "http_max_connections"):
+            positive(name)
         if not self.worker_name:
             object.__setattr__(self, "worker_name", f"{socket.gethostname()}:{os.getpid()}")
 

@@ -66,3 +66,15 @@ class LLMModelMissing(LLMError):
 
 class LLMTimeout(LLMError):
     """The LLM server did not answer within the timeout."""
+
+
+class PromptError(ConfigError):
+    """The summary prompt template is malformed or names no column of the row."""
+
+
+class LLMUnavailable(LLMError):
+    """The LLM server could not be reached (refused, reset, unknown host) or said it is loading."""
+
+
+class LLMRefused(LLMError):
+    """The LLM server refused the request (HTTP 4xx other than a missing model)."""

@@ -35,9 +35,7 @@ SUMMARY_MAX_CHARS = 200_000  # what a prompt may hold of a row's text
 
 
 def backoff(settings: Settings, attempts: int) -> float:
-    base = min(
-        settings.backoff_max_seconds, settings.backoff_seconds * 2.0 ** max(attempts, 0)
-    )
+    base = min(settings.backoff_max_seconds, settings.backoff_seconds * 2.0 ** max(attempts, 0))
     return base * random.uniform(0.5, 1.5)
 
 
@@ -70,7 +68,7 @@ class Batch:
 class Lanes:
     """What the slots share; the lane methods below do the work of one claim."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - the collaborators, named at the one call site
         self,
         settings: Settings,
         queue: Queue,
@@ -144,7 +142,9 @@ class Lanes:
                 extra={"watch": watch.id, "lane": batch.lane, "action": "lease_lost"},
             )
 
-    async def end_rows(self, batch: Batch, watch: Watch, jobs: Sequence[Job], rows: dict[str, Row]) -> list[Job]:
+    async def end_rows(
+        self, batch: Batch, watch: Watch, jobs: Sequence[Job], rows: dict[str, Row]
+    ) -> list[Job]:
         """Jobs whose row cannot be worked on fail now (hidden, or a key that does not
         parse); returns the others."""
         keep: list[Job] = []
@@ -153,7 +153,12 @@ class Lanes:
             if row is not None and row.state == "hidden":
                 await self.fail(batch, [job], hidden_message(watch), final=True)
             elif row is not None and row.state.startswith("invalid"):
-                await self.fail(batch, [job], f"the queued key {job.pk!r} does not parse: {row.state}", final=True)
+                await self.fail(
+                    batch,
+                    [job],
+                    f"the queued key {job.pk!r} does not parse: {row.state}",
+                    final=True,
+                )
             else:
                 keep.append(job)
         return keep
@@ -175,7 +180,9 @@ class Lanes:
                 continue
             await self._embed_watch(batch, watch, emb, jobs)
 
-    async def _embed_watch(self, batch: Batch, watch: Watch, emb: Embedder, jobs: list[Job]) -> None:
+    async def _embed_watch(
+        self, batch: Batch, watch: Watch, emb: Embedder, jobs: list[Job]
+    ) -> None:
         lane = batch.lane
         rows = await self._read(watch, lane, emb, [j.pk for j in jobs])
         jobs = await self.end_rows(batch, watch, jobs, rows)
@@ -192,7 +199,9 @@ class Lanes:
             results: dict[str, np.ndarray | str | None] = {j.pk: None for j in clear}
             out = await self.queue.finish(watch, lane, clear, rows, results)
             await self.settle(batch, watch, clear, out)
-        todo = sorted((j for j in jobs if j.pk in texts), key=lambda j: len(texts[j.pk]), reverse=True)
+        todo = sorted(
+            (j for j in jobs if j.pk in texts), key=lambda j: len(texts[j.pk]), reverse=True
+        )
         fresh_first = sorted(todo, key=lambda j: j.kind != "fresh")  # stable: longest first within
         for start in range(0, len(fresh_first), EMBED_CHUNK):
             chunk = fresh_first[start : start + EMBED_CHUNK]

@@ -1,4 +1,7 @@
-"""Logging set-up for the command line: plain text or one JSON object per line."""
+"""Logging set-up for the command line: plain text or one JSON object per line.
+
+Every record is scrubbed of database passwords first (:mod:`autoembed.redact`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,10 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from typing import Literal
+
+from .redact import RedactFilter, register, register_environment
 
 LogFormat = Literal["text", "json"]
 
@@ -25,13 +31,22 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STD_ATTRS and not key.startswith("_"):
                 doc[key] = value
-        if record.exc_info:
+        if record.exc_text:
+            doc["exc"] = record.exc_text  # what the RedactFilter left: scrubbed
+        elif record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, default=str)
 
 
-def setup_logging(level: str = "info", fmt: LogFormat = "text") -> None:
+def setup_logging(
+    level: str = "info", fmt: LogFormat = "text", secrets: Iterable[str | None] = ()
+) -> None:
+    """Log to stderr; the passwords of ``$DATABASE_URL``, ``$PGPASSWORD`` and ``secrets``
+    (connection strings, such as ``--database-url``) never reach the output."""
+    register_environment()
+    register(*secrets)
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

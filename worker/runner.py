@@ -157,10 +157,15 @@ class Worker:
                 )
             if w.trouble and (old is None or old.trouble != w.trouble):
                 log.error(
-                    "not serving %s: %s", w.label, w.trouble, extra={"watch": wid, "action": "unserved"}
+                    "not serving %s: %s",
+                    w.label,
+                    w.trouble,
+                    extra={"watch": wid, "action": "unserved"},
                 )
         self.watches = watches
-        wanted = {m for w in watches.values() for m in (w.model, w.next_model) if m and not w.trouble}
+        wanted = {
+            m for w in watches.values() for m in (w.model, w.next_model) if m and not w.trouble
+        }
         for name in wanted:
             self.models.want(name)
         self.models.forget(wanted)
@@ -190,7 +195,9 @@ class Worker:
                 unserved.setdefault(w.id, why)
         for wid, why in unserved.items():
             if self.unserved.get(wid) != why:
-                log.error("%s is not served: %s", self.watches[wid].label, why, extra={"watch": wid})
+                log.error(
+                    "%s is not served: %s", self.watches[wid].label, why, extra={"watch": wid}
+                )
         self.unserved = unserved
 
     def servable(self, lane: str) -> list[int]:
@@ -238,7 +245,10 @@ class Worker:
                 asyncio.create_task(self._housekeeping(), name="housekeeping"),
             ]
             s = self.settings
-            slots = [asyncio.create_task(self._slot(i, False), name=f"embed-{i}") for i in range(s.concurrency)]
+            slots = [
+                asyncio.create_task(self._slot(i, False), name=f"embed-{i}")
+                for i in range(s.concurrency)
+            ]
             slots.append(asyncio.create_task(self._slot(s.concurrency, True), name="embed-fresh"))
             slots += [
                 asyncio.create_task(self._summary_slot(), name=f"summary-{i}")
@@ -279,11 +289,15 @@ class Worker:
         )
         return self.exit_code
 
-    async def _supervise(self, side: list[asyncio.Task[Any]], slots: list[asyncio.Task[Any]]) -> None:
+    async def _supervise(
+        self, side: list[asyncio.Task[Any]], slots: list[asyncio.Task[Any]]
+    ) -> None:
         """Wait for a stop; a side task or slot that ends by itself stops the worker."""
         stopping = asyncio.create_task(self.stop.wait(), name="stop")
         try:
-            done, _ = await asyncio.wait([stopping, *side, *slots], return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                [stopping, *side, *slots], return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             stopping.cancel()
         for task in done:
@@ -397,7 +411,9 @@ class Worker:
                     return
                 await self._idle()
                 continue
-            await self._work(lane, jobs, lambda b: self.lanes.embed_claim(b, self.watches, self.models.get))
+            await self._work(
+                lane, jobs, lambda b: self.lanes.embed_claim(b, self.watches, self.models.get)
+            )
 
     async def _summary_slot(self) -> None:
         s = self.settings
@@ -410,7 +426,9 @@ class Worker:
                 ids = self.servable("summary")
                 jobs = await self.queue.claim("summary", "fresh", ids, 1, s.summary_lease_seconds)
                 if not jobs:
-                    jobs = await self.queue.claim("summary", "backfill", ids, 1, s.summary_lease_seconds)
+                    jobs = await self.queue.claim(
+                        "summary", "backfill", ids, 1, s.summary_lease_seconds
+                    )
                 self._db_up()
             except Exception as exc:
                 if not is_db_outage(exc):
@@ -462,7 +480,9 @@ class Worker:
                 )
                 try:  # charged once, to the jobs the failure interrupted
                     await self.lanes.fail(
-                        batch, batch.jobs(), f"{type(exc).__name__}: {describe(exc)}",
+                        batch,
+                        batch.jobs(),
+                        f"{type(exc).__name__}: {describe(exc)}",
                         final=outcome is Outcome.FAIL,
                     )
                 except Exception as again:
@@ -510,7 +530,9 @@ class Worker:
         lanes = ["embed", "next"] + (["summary"] if self.servable("summary") else [])
         try:
             counts = await self.queue.outstanding(served, lanes)
-            everything = await self.queue.outstanding(list(self.watches), ["embed", "next", "summary"])
+            everything = await self.queue.outstanding(
+                list(self.watches), ["embed", "next", "summary"]
+            )
         except Exception as exc:
             if not is_db_outage(exc):
                 raise
@@ -524,23 +546,22 @@ class Worker:
             return False
         # a deferred index or a model change still to finish (housekeeping does it)
         unfinished = [
-            w for w in self.watches.values()
-            if w.id not in self.unserved and (w.next_model or w.index_state == "deferred")
+            w
+            for w in self.watches.values()
+            if w.id not in self.unserved
+            and (w.next_model or w.index_state == "deferred")
             and w.id not in self.index_problems
         ]
         if unfinished:
             self._refresh_needed = True
             await self._indexes_and_migrations()
             return False
-        if everything["pending"] + everything["running"]:
-            waiting = {
-                wid: why for wid, why in self.unserved.items()
-            } or {0: "summaries wait for an LLM server that cannot be used"}
-            if not self.servable("summary") and self.llm_problem:
-                waiting.setdefault(0, self.llm_problem)
-            for wid, why in waiting.items():
-                label = self.watches[wid].label if wid in self.watches else "summary lane"
-                log.error("left unserved: %s: %s", label, why, extra={"watch": wid})
+        waiting = {self.watches[wid].label: why for wid, why in self.unserved.items()}
+        if everything["pending"] + everything["running"] and not waiting:
+            waiting["summary lane"] = self.llm_problem or "no LLM server can be used"
+        for label, why in waiting.items():
+            log.error("left unserved: %s: %s", label, why, extra={"action": "unserved"})
+        if waiting:
             self.exit_code = EXIT_UNSERVED
         return True
 
@@ -582,8 +603,10 @@ class Worker:
         for model in sorted(m for m in wanted if m is not None):
             checked = self.llm_checked.get(model)
             # checked once; a refusal again after a minute; after an outage, a probe
-            if checked is not None and not self.llm_problem and (
-                checked[0] is None or now - checked[1] < 60
+            if (
+                checked is not None
+                and not self.llm_problem
+                and (checked[0] is None or now - checked[1] < 60)
             ):
                 continue
             try:
@@ -686,7 +709,9 @@ class Worker:
                     await self.queue.prune()
                     last_prune = now
                 await self.refresh_watches()
-                counts = await self.queue.outstanding(list(self.watches), ["embed", "summary", "next"])
+                counts = await self.queue.outstanding(
+                    list(self.watches), ["embed", "summary", "next"]
+                )
                 for status in ("pending", "running", "failed"):
                     self.metrics.queue_depth.labels(status).set(counts[status])
                 await self._indexes_and_migrations()
@@ -706,12 +731,14 @@ class Worker:
         for w in list(self.watches.values()):
             if w.trouble or any(t.get_name() == f"index {w.id}" for t in self._side_jobs):
                 continue
-            if w.next_model:
-                if await self.queue.left(w.id, "next", backfill_only=False) == 0:
-                    self._side(self._finish_migration(w), f"index {w.id}")
-            elif w.index_state == "deferred":
-                if await self.queue.left(w.id, "embed", backfill_only=True) == 0:
-                    self._side(self._build_index(w), f"index {w.id}")
+            if w.next_model and await self.queue.left(w.id, "next", backfill_only=False) == 0:
+                self._side(self._finish_migration(w), f"index {w.id}")
+            elif (
+                not w.next_model
+                and w.index_state == "deferred"
+                and await self.queue.left(w.id, "embed", backfill_only=True) == 0
+            ):
+                self._side(self._build_index(w), f"index {w.id}")
 
     def _side(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -728,17 +755,25 @@ class Worker:
                 row = await cur.fetchone()
                 statement = row[0] if row else None
                 if statement:
-                    log.info("building the HNSW index of %s: %s", w.label, statement, extra={"watch": w.id})
+                    log.info(
+                        "building the HNSW index of %s: %s",
+                        w.label,
+                        statement,
+                        extra={"watch": w.id},
+                    )
                     started = time.perf_counter()
                     await conn.execute(
                         "SELECT pg_catalog.set_config('maintenance_work_mem', %s, false), "
                         "pg_catalog.set_config('max_parallel_maintenance_workers', "
-                        "least(pg_catalog.current_setting('max_parallel_workers')::int, 8)::text, false)",
+                        "least(pg_catalog.current_setting('max_parallel_workers')::int, 8)::text, "
+                        "false)",
                         (s.index_memory,),
                     )
                     await conn.execute(statement)
                     log.info(
-                        "built the HNSW index of %s in %.1f s", w.label, time.perf_counter() - started,
+                        "built the HNSW index of %s in %.1f s",
+                        w.label,
+                        time.perf_counter() - started,
                         extra={"watch": w.id, "action": "index_built"},
                     )
                 if not w.next_model:
@@ -753,7 +788,9 @@ class Worker:
                 log.error(
                     "cannot build the HNSW index of %s (%s): search scans the table until it "
                     "exists; build it as the table's owner with `autoembed index %s`",
-                    w.label, why, f"{w.schema}.{w.table_name}",
+                    w.label,
+                    why,
+                    f"{w.schema}.{w.table_name}",
                     extra={"watch": w.id, "action": "index_failed"},
                 )
             self.index_problems[w.id] = why
@@ -768,7 +805,9 @@ class Worker:
         why = row[0] if row else None
         if why is None:
             log.info(
-                "%s now uses %s: the new vectors were swapped in", w.label, w.next_model,
+                "%s now uses %s: the new vectors were swapped in",
+                w.label,
+                w.next_model,
                 extra={"watch": w.id, "action": "model_swapped"},
             )
             self._refresh_needed = True

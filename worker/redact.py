@@ -1,0 +1,193 @@
+"""Keep database passwords out of logs and messages.
+
+libpq and psycopg quote parts of a connection string in their errors: with an unencoded
+``%`` or ``@`` in a URL's password they echo the text after the bad character
+(``invalid percent-encoded token: "p%zz"``, ``failed to resolve host 'cret@127.0.0.1'``),
+and a worker that retries logs that message again and again. So, for every secret known to
+the process (the password of each configured URL or conninfo, ``PGPASSWORD``):
+
+- the ``user:password@`` part of any URL in a text becomes ``***@``;
+- ``password=...`` (conninfo or URL query) becomes ``password=***``;
+- every run of characters covered by a substring of length >= 3 of a secret becomes ``***``
+  (libpq may echo any piece of a malformed password). Shorter secrets are removed only in
+  the two forms above: masking every two-letter match would garble every message.
+
+:func:`redact` applies this to one text for given connection strings; :func:`register` makes
+a connection string's password known to the process, :func:`scrub` applies everything known,
+and :class:`RedactFilter` (installed by :func:`autoembed.logs.setup_logging`) scrubs every log
+record: message, arguments, exception and stack text, and extra fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from urllib.parse import unquote
+
+MASK = "***"
+MIN_FRAGMENT = 3
+# environment variables that may hold a connection string or a password
+URL_VARIABLES = ("DATABASE_URL", "TEST_DATABASE_URL")
+PASSWORD_VARIABLES = ("PGPASSWORD",)
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+# scheme://user:anything@ — greedy, so a password holding "@" is covered up to the last "@"
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^\s'\"/@:]*:[^\s'\"]*@")
+_PASSWORD_KV = re.compile(
+    r"(?P<key>\bpassword\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'?|[^\s&'\"]+)", re.IGNORECASE
+)
+
+
+def passwords_in(conninfo: str) -> set[str]:
+    """The password(s) a URL or ``key=value`` conninfo holds, well-formed or not: what libpq
+    parses, and what a reader would take for the password (up to the URL's last ``@``),
+    each as written and percent-decoded."""
+    text = conninfo.strip()
+    found: set[str] = set()
+    if not text:
+        return found
+    from psycopg import Error as DriverError
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parsed = conninfo_to_dict(text).get("password")
+    except DriverError:
+        parsed = None  # malformed: the heuristics below still apply
+    if parsed:
+        found.add(str(parsed))
+    scheme = _SCHEME.match(text)
+    if scheme:
+        rest = text[scheme.end() :]
+        userinfo = rest[: rest.rfind("@")] if "@" in rest else ""
+        _user, sep, password = userinfo.partition(":")
+        if sep and password:
+            found.add(password)
+    for m in _PASSWORD_KV.finditer(text):
+        value = m.group("value")
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:].removesuffix("'"))
+        if value:
+            found.add(value)
+    found |= {unquote(p) for p in found}
+    return {p for p in found if p}
+
+
+class Redactor:
+    """Removes a fixed set of secrets from texts."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets = frozenset(s for s in secrets if s)
+        grams = {
+            s[i : i + MIN_FRAGMENT] for s in self.secrets for i in range(len(s) - MIN_FRAGMENT + 1)
+        }
+        # a zero-width look-ahead finds every position, overlapping ones included
+        self._grams = (
+            re.compile("(?=(?:" + "|".join(re.escape(g) for g in sorted(grams)) + "))")
+            if grams
+            else None
+        )
+
+    def __call__(self, text: str) -> str:
+        text = _USERINFO.sub(lambda m: m.group("scheme") + MASK + "@", text)
+        text = _PASSWORD_KV.sub(lambda m: m.group("key") + MASK, text)
+        if self._grams is None:
+            return text
+        covered = bytearray(len(text) + 1)
+        for m in self._grams.finditer(text):
+            covered[m.start() : m.start() + MIN_FRAGMENT] = b"\1" * MIN_FRAGMENT
+        if not any(covered):
+            return text
+        out: list[str] = []
+        i = 0
+        while i < len(text):
+            if covered[i]:
+                out.append(MASK)
+                while covered[i]:
+                    i += 1
+            else:
+                out.append(text[i])
+                i += 1
+        return "".join(out)
+
+
+def redact(message: str, *conninfos: str) -> str:
+    """``message`` without the passwords of ``conninfos`` or any echoed piece of them."""
+    secrets: set[str] = set()
+    for conninfo in conninfos:
+        secrets |= passwords_in(conninfo)
+    return Redactor(secrets)(message)
+
+
+# ---------------------------------------------------------------- the process's secrets
+
+_lock = threading.Lock()
+_known: set[str] = set()
+_current = Redactor()
+
+
+def register(*conninfos: str | None) -> None:
+    """Make the passwords of these URLs/conninfos known to :func:`scrub` and the log filter."""
+    found: set[str] = set()
+    for conninfo in conninfos:
+        if conninfo:
+            found |= passwords_in(conninfo)
+    _add(found)
+
+
+def register_password(*passwords: str | None) -> None:
+    _add({p for p in passwords if p})
+
+
+def register_environment(env: Mapping[str, str] | None = None) -> None:
+    """The connection strings and passwords the environment holds."""
+    env = os.environ if env is None else env
+    register(*(env.get(k) for k in URL_VARIABLES))
+    register_password(*(env.get(k) for k in PASSWORD_VARIABLES))
+
+
+def _add(secrets: set[str]) -> None:
+    global _current
+    with _lock:
+        if secrets <= _known:
+            return
+        _known.update(secrets)
+        _current = Redactor(_known)
+
+
+def scrub(text: str) -> str:
+    """``text`` without any secret known to the process (see :func:`register`)."""
+    return _current(text)
+
+
+_STD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+}
+
+
+class RedactFilter(logging.Filter):
+    """Scrubs every record that passes: message with its arguments merged in, exception and
+    stack text, and string extra fields. Attach it to a handler (a handler's filters see the
+    records of every logger that propagates to it)."""
+
+    def __init__(self, redactor: Callable[[str], str] | None = None) -> None:
+        super().__init__()
+        self._redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        clean = self._redactor or scrub
+        record.msg = clean(record.getMessage())
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = clean(record.exc_text)
+        if record.stack_info:
+            record.stack_info = clean(record.stack_info)
+        for key, value in list(record.__dict__.items()):
+            if key not in _STD_ATTRS and isinstance(value, str):
+                setattr(record, key, clean(value))
+        return True
