@@ -786,6 +786,7 @@ DECLARE
     emb_num smallint;
     vtype oid;
     fn_name name;
+    longer text;
     wid integer;
     content_num smallint;
     embed_in smallint[];
@@ -890,8 +891,13 @@ BEGIN
     IF fn_name IS NULL THEN
         fn_name := left('match_' || (SELECT relname FROM pg_class WHERE oid = src), 63);
         IF EXISTS (SELECT FROM autoembed.watches x JOIN pg_proc p ON p.oid = x.match_function::oid
-                    WHERE x.source = src AND p.proname = fn_name) THEN
-            fn_name := left('match_' || (SELECT relname FROM pg_class WHERE oid = src) || '_' || emb, 63);
+                    WHERE p.proname = fn_name
+                      AND p.pronamespace = (SELECT relnamespace FROM pg_class WHERE oid = src)
+                      AND EXISTS (SELECT FROM pg_class c WHERE c.oid = x.source)) THEN
+            -- another watch has it (of this table, or of one whose long name starts alike)
+            longer := 'match_' || (SELECT relname FROM pg_class WHERE oid = src) || '_' || emb;
+            fn_name := CASE WHEN length(longer) <= 63 THEN longer
+                            ELSE left(longer, 52) || '_' || left(md5(src::oid::text || emb), 10) END;
         END IF;
     END IF;
     -- a watch left behind by a dropped table of the same name gives its function up

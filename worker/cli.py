@@ -394,39 +394,61 @@ async def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return await worker.run()
 
 
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
 async def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from . import watches
 
     async with await _connect(settings) as conn:
         rows = await watches.status(conn)
         failed = await watches.failed_jobs(conn, args.failed) if args.failed else []
+        workers = await watches.workers(conn)
     if args.json:
-        print(json.dumps({"watches": rows, "failed": failed}, default=str, indent=2))
+        doc = {"watches": rows, "failed": failed, "workers": workers}
+        print(json.dumps(doc, default=str, indent=2))
         return 0
     if not rows:
         print("nothing is watched yet: autoembed watch TABLE --column COLUMN")
         return 0
     for r in rows:
-        age = r["oldest_pending_seconds"]
-        r["oldest_pending"] = "-" if age is None else f"{age:.1f}s"
-        r["rows/s (1 min)"] = f"{(r['rows_last_minute'] or 0) / 60:.1f}"
+        r["id"] = r["watch_id"]
         r["table"] = r["source"]
         r["column"] = r["target_column"]
-    _print_table(
-        rows,
-        [
-            "table",
-            "column",
-            "lane",
-            "model",
-            "pending",
-            "running",
-            "failed",
-            "oldest_pending",
-            "rows/s (1 min)",
-        ],
-        sys.stdout,
+        r["fresh"] = f"{r['fresh_pending']} ({_age(r['oldest_fresh_seconds'])})"
+        r["backfill"] = f"{r['backfill_pending']} ({_age(r['oldest_backfill_seconds'])})"
+        r["rows/s (1 min)"] = f"{(r['rows_last_minute'] or 0) / 60:.1f}"
+    columns = ["id", "table", "column", "lane", "model", "fresh", "backfill", "running", "failed"]
+    _print_table(rows, [*columns, "rows/s (1 min)", "index"], sys.stdout)
+    print(
+        "\n(fresh: rows the application wrote, served first; backfill: rows queued by "
+        "watch, a model change or retry; in brackets the age of the oldest)"
     )
+    problems = {(r["watch_id"], r["problem"]) for r in rows if r["problem"]}
+    notes = {(r["watch_id"], r["index_note"]) for r in rows if r["index_note"]}
+    if problems:
+        print("\nnot served:")
+        for wid, problem in sorted(problems):
+            print(f"  watch {wid}: {problem}")
+    for wid, note in sorted(notes):
+        print(f"\nwatch {wid}: {note}")
+    if workers:
+        print(f"\nworkers ({len(workers)} seen in the last 5 minutes):")
+        for w in workers:
+            trouble = "; ".join(f"{k}: {v}" for k, v in (w["problems"] or {}).items())
+            print(
+                f"  {w['name']} (seen {_age(w['seen_seconds_ago'])} ago)"
+                + (f": {trouble}" if trouble else "")
+            )
+    else:
+        print("\nno worker has been seen in the last 5 minutes: start one with `autoembed run`")
     if failed:
         print(f"\nfailed jobs (most recent {len(failed)}; `autoembed retry` queues them again):")
         for f in failed:
@@ -565,7 +587,7 @@ async def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format, secrets=[args.database_url or ""])
     try:
         settings = Settings.from_env(database_url=args.database_url)
         handler: Handler = globals()[args.handler]

@@ -15,6 +15,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from .errors import DatabaseError
+from .redact import scrub
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,14 @@ def q(name: str) -> sql.SQL:
 
 
 def describe(exc: BaseException) -> str:
-    """A driver error as one readable message, with PostgreSQL's hint when it has one."""
+    """A driver error as one readable message, with PostgreSQL's hint when it has one, and
+    without any password libpq may have echoed from a malformed URL."""
     if isinstance(exc, psycopg.Error) and exc.diag is not None and exc.diag.message_primary:
         text = exc.diag.message_primary
         if exc.diag.message_hint:
             text += f"\nhint: {exc.diag.message_hint}"
-        return text
-    return " ".join(str(exc).split()) or type(exc).__name__
+        return scrub(text)
+    return scrub(" ".join(str(exc).split()) or type(exc).__name__)
 
 
 def translate(exc: BaseException, doing: str) -> DatabaseError:

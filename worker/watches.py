@@ -131,6 +131,10 @@ async def status(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
     return await fetch_dicts(conn, q("status"))
 
 
+async def workers(conn: psycopg.AsyncConnection[Any]) -> list[dict[str, Any]]:
+    return await fetch_dicts(conn, q("workers"))
+
+
 async def failed_jobs(conn: psycopg.AsyncConnection[Any], limit: int) -> list[dict[str, Any]]:
     return await fetch_dicts(conn, q("failed_jobs"), {"limit": limit})
 
