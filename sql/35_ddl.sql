@@ -4,6 +4,8 @@
 -- changed key type re-creates the watch's search function and accessors; a dropped table
 -- takes its watches (and their queued work and functions) with it. They never make the
 -- user's DDL fail: a failure is a WARNING, and `autoembed status` shows the watch's problem.
+-- A change that stops a watch (a dropped or retyped column it reads) is a WARNING too, to
+-- whoever made it, at once.
 -- Creating event triggers needs a superuser; without one, migrate says so and the worker
 -- and `autoembed status` still detect the same problems (autoembed.watch_problem).
 
@@ -15,6 +17,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     w autoembed.watches%ROWTYPE;
+    problem text;
 BEGIN
     IF current_setting('autoembed.in_ddl', true) = 'on' THEN
         RETURN;  -- our own DDL, below
@@ -26,7 +29,13 @@ BEGIN
         -- the search function names the table and its columns: made again for the table
         -- as it is now (refresh does nothing for a watch with a problem)
         BEGIN
-            PERFORM autoembed.refresh(w.id);
+            problem := autoembed.refresh(w.id);
+            IF problem IS NOT NULL THEN
+                -- said to whoever changed the table, at once (and by `autoembed status`)
+                RAISE WARNING 'autoembed: % is not served any more: %', w.source, problem
+                    USING HINT = format('Watch it again with the column it should read, or '
+                                        '`autoembed unwatch %s` to stop watching it.', w.id);
+            END IF;
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'autoembed: could not follow the change of %: %', w.source, SQLERRM
                 USING HINT = 'Run `autoembed status`; watch the table again to re-point the watch.';

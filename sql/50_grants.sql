@@ -11,6 +11,7 @@
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA autoembed FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION
     autoembed.vector_schema(), autoembed.vector_type(integer), autoembed.lanes(name),
+    autoembed.storage_type(integer, text), autoembed.storage_oid(text), autoembed.vector_version(),
     autoembed.watch_lanes(integer), autoembed._builtin_type(oid), autoembed._key_type(oid),
     autoembed._text_type(oid), autoembed._attname(oid, smallint), autoembed.watch_problem(integer),
     autoembed._hnsw_index(oid, smallint), autoembed._template_columns(text),

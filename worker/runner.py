@@ -746,33 +746,32 @@ class Worker:
         task.add_done_callback(self._side_jobs.discard)
 
     async def _build_index(self, w: Watch) -> bool:
-        """CREATE INDEX CONCURRENTLY (outside any transaction, writes go on), with the
-        maintenance memory and parallel workers the settings and the server allow."""
+        """CREATE INDEX CONCURRENTLY (outside any transaction, writes go on) of each index
+        the watch lacks (vectors, text, metadata), with the maintenance memory and parallel
+        workers the settings and the server allow."""
         s = self.settings
         try:
             async with self.pool.connection() as conn:
-                cur = await conn.execute("SELECT autoembed.index_sql(%s, true)", (w.id,))
-                row = await cur.fetchone()
-                statement = row[0] if row else None
-                if statement:
+                await conn.execute(
+                    "SELECT pg_catalog.set_config('maintenance_work_mem', %s, false), "
+                    "pg_catalog.set_config('max_parallel_maintenance_workers', "
+                    "least(pg_catalog.current_setting('max_parallel_workers')::int, 8)::text, "
+                    "false)",
+                    (s.index_memory,),
+                )
+                for _ in range(3):  # vectors, text, metadata
+                    cur = await conn.execute("SELECT autoembed.index_sql(%s, true)", (w.id,))
+                    row = await cur.fetchone()
+                    statement = row[0] if row else None
+                    if not statement:
+                        break
                     log.info(
-                        "building the HNSW index of %s: %s",
-                        w.label,
-                        statement,
-                        extra={"watch": w.id},
+                        "building an index of %s: %s", w.label, statement, extra={"watch": w.id}
                     )
                     started = time.perf_counter()
-                    await conn.execute(
-                        "SELECT pg_catalog.set_config('maintenance_work_mem', %s, false), "
-                        "pg_catalog.set_config('max_parallel_maintenance_workers', "
-                        "least(pg_catalog.current_setting('max_parallel_workers')::int, 8)::text, "
-                        "false)",
-                        (s.index_memory,),
-                    )
                     await conn.execute(statement)
                     log.info(
-                        "built the HNSW index of %s in %.1f s",
-                        w.label,
+                        "built it in %.1f s",
                         time.perf_counter() - started,
                         extra={"watch": w.id, "action": "index_built"},
                     )

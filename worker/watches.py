@@ -65,6 +65,9 @@ async def watch(
     llm_options: Mapping[str, Any] | None = None,
     template: str | None = None,
     index: str = "auto",
+    metadata_column: str | None = None,
+    language: str = "english",
+    storage: str = "vector",
 ) -> dict[str, Any]:
     """Watch a table (one transaction: a refused watch leaves nothing behind, a model
     directory it would have registered included)."""
@@ -75,7 +78,8 @@ async def watch(
                 "SELECT autoembed.watch(source => %s::regclass, content_column => %s, "
                 "embedding_column => %s, model => %s, match_function => %s, "
                 "summary_column => %s, llm_model => %s, llm_prompt => %s, "
-                "llm_options => %s::jsonb, template => %s, index => %s)",
+                "llm_options => %s::jsonb, template => %s, index => %s, "
+                "metadata_column => %s, language => %s, storage => %s)",
                 (
                     table,
                     column,
@@ -88,6 +92,9 @@ async def watch(
                     json.dumps(dict(llm_options or {})),
                     template,
                     index,
+                    metadata_column,
+                    language,
+                    storage,
                 ),
             )
             row = await cur.fetchone()

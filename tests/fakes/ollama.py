@@ -16,10 +16,20 @@ Faults, server-wide or per model (``set_faults(model=...)``; per-model settings 
 * ``drop``: the next N generation requests lose their connection after ``drop_after`` words
   (streamed) or half their body (not streamed);
 * ``error500``: the next K requests answer HTTP 500, then the server recovers;
+* ``error503``: the next K requests answer HTTP 503 as llama.cpp's server does while it loads
+  its model ("Loading model");
+* ``interrupt``: the next N streamed generations end early after ``drop_after`` words, the way
+  llama-cpp-python's server cuts a stream when another request arrives (OpenAI API: ``[DONE]``
+  with no ``finish_reason`` before it; Ollama API: the stream just ends, with no ``done``);
+* ``stall``: the next N generations stop making progress after ``drop_after`` words (streamed)
+  or at once (not streamed) until the client goes away (streamed) or the server stops;
 * ``malformed``: the next N generation requests get a non-JSON chunk (after one good word when
   streamed) or a non-JSON body.
 
-Every request is recorded (method, path, JSON body, monotonic receive and finish times)::
+Every request is recorded (method, path, JSON body, monotonic receive and finish times) with
+what the server generated for it: ``words`` generated, whether it ``completed`` the answer, and
+whether it was ``abandoned`` (the client went away before the end: a streamed generation then
+stops, as Ollama's and llama.cpp's do; a non-streamed one runs to its end, as theirs do)::
 
     with OllamaStandIn() as server:
         server.set_faults(error500=2)
@@ -35,6 +45,7 @@ import dataclasses
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -50,7 +61,8 @@ from starlette.routing import Route
 
 DEFAULT_MODELS = ("mistral:latest", "llama3.2:1b")
 SUMMARY_WORDS = 12
-_COUNTERS = ("drop", "error500", "malformed")
+_FOREVER = 3600.0  # a stall: ended by the client going away or the server stopping
+_COUNTERS = ("drop", "error500", "error503", "interrupt", "malformed", "stall")
 
 
 @dataclass
@@ -60,7 +72,10 @@ class Faults:
     drop: int = 0
     drop_after: int = 2
     error500: int = 0
+    error503: int = 0
+    interrupt: int = 0
     malformed: int = 0
+    stall: int = 0
 
 
 @dataclass
@@ -70,6 +85,9 @@ class RecordedRequest:
     body: Any  # the parsed JSON body, the raw text if it was not JSON, None if empty
     received_at: float  # time.monotonic()
     finished_at: float | None = None  # when the server finished (or gave up on) its answer
+    words: int = 0  # words generated (streamed: sent) for this request
+    completed: bool = False  # the whole answer was generated
+    abandoned: bool = False  # the client went away before the end of a streamed answer
 
 
 class _Dropped(Exception):
@@ -114,7 +132,8 @@ def _sse(obj: object) -> bytes:
 class OllamaStandIn:
     """A protocol-faithful Ollama stand-in; ``with OllamaStandIn() as server: server.url``."""
 
-    def __init__(self, models: Iterable[str] = DEFAULT_MODELS) -> None:
+    def __init__(self, models: Iterable[str] = DEFAULT_MODELS, port: int = 0) -> None:
+        self.port = port  # 0: a free one; another: that one (a server "coming back")
         self.initial_models = list(models)
         self.models = list(self.initial_models)
         self._lock = threading.Lock()
@@ -146,7 +165,7 @@ class OllamaStandIn:
     def start(self) -> OllamaStandIn:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("127.0.0.1", self.port))
         self._sock = sock
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         config = uvicorn.Config(
@@ -192,11 +211,15 @@ class OllamaStandIn:
         drop: int | None = None,
         drop_after: int | None = None,
         error500: int | None = None,
+        error503: int | None = None,
+        interrupt: int | None = None,
         malformed: int | None = None,
+        stall: int | None = None,
     ) -> None:
         """Change the faults of one model (by the name requested) or of the whole server."""
         given = {"slow": slow, "word_delay": word_delay, "drop": drop, "drop_after": drop_after}
-        given |= {"error500": error500, "malformed": malformed}
+        given |= {"error500": error500, "error503": error503, "interrupt": interrupt}
+        given |= {"malformed": malformed, "stall": stall}
         changes: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         with self._lock:
             self._faults[model] = dataclasses.replace(self._faults.get(model, Faults()), **changes)
@@ -215,6 +238,10 @@ class OllamaStandIn:
 
     def requests_to(self, path: str) -> list[RecordedRequest]:
         return [r for r in self.requests if r.path == path]
+
+    def settled(self) -> bool:
+        """Whether every request received so far has been finished or given up on."""
+        return all(r.finished_at is not None for r in self.requests)
 
     # -- server thread -----------------------------------------------------------------------
 
@@ -246,8 +273,11 @@ class OllamaStandIn:
             return f"{name}:latest"
         return None
 
-    def _take(self, model: str | None) -> Faults:
-        """This request's faults: per-model settings over server-wide ones; counters count down."""
+    def _take(self, model: str | None, counters: Iterable[str] = _COUNTERS) -> Faults:
+        """This request's faults: per-model settings over server-wide ones; counters count down.
+
+        Only ``counters`` are counted down (a listing takes no generation faults).
+        """
         with self._lock:
             scopes = [f for f in (self._faults.get(model), self._faults.get(None)) if f]
             took = Faults()
@@ -256,7 +286,7 @@ class OllamaStandIn:
                     if getattr(scope, name) != getattr(Faults, name):
                         setattr(took, name, getattr(scope, name))
                         break
-            for name in _COUNTERS:
+            for name in counters:
                 for scope in scopes:
                     if getattr(scope, name) > 0:
                         setattr(scope, name, getattr(scope, name) - 1)
@@ -287,11 +317,13 @@ class OllamaStandIn:
 
     async def _listing(self, request: Request, openai: bool) -> Response:
         rec, _ = await self._record(request)
-        faults = self._take(None)
+        faults = self._take(None, ("error500", "error503"))
         await self._sleep(faults.slow)
         rec.finished_at = time.monotonic()
         if faults.error500:
             return self._error(openai, 500, "stand-in: injected internal server error")
+        if faults.error503:
+            return self._error(openai, 503, "Loading model")
         if openai:
             data = [
                 {"id": m, "object": "model", "created": 1700000000, "owned_by": "library"}
@@ -362,6 +394,9 @@ class OllamaStandIn:
         if faults.error500:
             rec.finished_at = time.monotonic()
             return self._error(openai, 500, "stand-in: injected internal server error")
+        if faults.error503:
+            rec.finished_at = time.monotonic()
+            return self._error(openai, 503, "Loading model")
         if self._resolve(name) is None:
             rec.finished_at = time.monotonic()
             return self._error(openai, 404, f'model "{name}" not found, try pulling it first')
@@ -375,7 +410,10 @@ class OllamaStandIn:
             media = "text/event-stream" if openai else "application/x-ndjson"
             content = self._stream_body(rec, chunks, faults, openai)
             return StreamingResponse(content, media_type=media)
-        await self._sleep(faults.word_delay * len(pieces))
+        if faults.stall:
+            await self._sleep(_FOREVER)
+        await self._sleep(faults.word_delay * len(pieces))  # runs to its end, client or not
+        rec.words, rec.completed = len(pieces), True
         payload = next(iter(make(api, name, pieces, reason, prompt, stream=False)))
         data = b"{not json" if faults.malformed else payload
         if not faults.drop:
@@ -394,20 +432,35 @@ class OllamaStandIn:
         self, rec: RecordedRequest, chunks: Iterable[bytes], faults: Faults, openai: bool
     ) -> AsyncIterator[bytes]:
         items = list(chunks)
+        last = len(items) - (2 if openai else 1)  # the chunk that ends the answer
+        ended = False  # by the server: finished, dropped or interrupted
         try:
             for i, chunk in enumerate(items):
                 if faults.drop and i == faults.drop_after:
+                    ended = True
                     raise _Dropped
+                if faults.interrupt and i == faults.drop_after:
+                    ended = True
+                    if openai:
+                        yield _sse(b"[DONE]")
+                    return
+                if faults.stall and i == faults.drop_after:
+                    await self._sleep(_FOREVER)  # until the client leaves or the server stops
                 if faults.malformed and i == 1:
                     yield _sse(b"{not json") if openai else b'{"response": "oops\n'
                     continue
-                await self._sleep(faults.word_delay)
+                await self._sleep(faults.word_delay)  # "generating" the next word
+                if i < last:
+                    rec.words += 1
                 # Set before the client can read the chunk that ends the answer (OpenAI: the
                 # one with finish_reason, which precedes "[DONE]").
-                if i == len(items) - (2 if openai else 1):
+                if i == last:
+                    rec.completed, ended = True, True
                     rec.finished_at = time.monotonic()
                 yield chunk
         finally:
+            # Cancelled by Starlette when the client disconnects: generation stops here.
+            rec.abandoned = not ended
             if rec.finished_at is None:
                 rec.finished_at = time.monotonic()
 
@@ -460,6 +513,46 @@ class OllamaStandIn:
             choice = {"index": 0, "delta": delta, "finish_reason": None if piece else reason}
             yield _sse({**head, "object": "chat.completion.chunk", "choices": [choice]})
         yield _sse(b"[DONE]")
+
+
+class ResettingServer:
+    """A TCP server on 127.0.0.1 that resets every connection before answering anything.
+
+    What a client sees of a server that accepts and then dies, or of a proxy without its
+    upstream: ``with ResettingServer() as srv: srv.url``; ``srv.connections`` counts them.
+    """
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, name="resetting-server", daemon=True)
+
+    def __enter__(self) -> ResettingServer:
+        self._sock.listen(16)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._thread.join(timeout=10)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed by __exit__
+            self.connections += 1
+            with contextlib.suppress(OSError):
+                conn.recv(65536)  # the request's head: the client is waiting for an answer
+                # linger 0: close() sends RST, not FIN ("connection reset by peer")
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
 
 
 def free_port_url() -> str:
