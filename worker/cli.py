@@ -189,9 +189,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table")
     p.add_argument("text")
     p.add_argument("--limit", type=int, default=5)
-    p.add_argument("--threshold", type=float, default=0.0, help="minimum cosine similarity")
+    p.add_argument(
+        "--threshold", type=float, default=-1.0, help="minimum cosine similarity (default: none)"
+    )
+    p.add_argument(
+        "--hybrid",
+        action="store_true",
+        help="full text and vectors, fused by reciprocal rank (finds exact names and codes)",
+    )
+    p.add_argument(
+        "--filter",
+        metavar="JSON",
+        help="metadata filter, e.g. '{\"tenant\": 7}' (metadata @> filter)",
+    )
     p.add_argument("--embedding-column", help="when the table has several watches")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json", action="store_true", help="one object per row: id, similarity (score), metadata"
+    )
     _engine_options(p)
 
     p = add("embed", "print the embedding of each text, one JSON array per line", "cmd_embed")
@@ -471,11 +485,21 @@ async def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
     from . import watches
 
+    meta = watches.parse_filter(args.filter)
     async with await _connect(settings) as conn:
         found = await watches.find_watch(conn, args.table, args.embedding_column)
         emb = await asyncio.to_thread(_load_embedder, args, settings, found["model"])
         vector = (await asyncio.to_thread(emb.embed, [args.text]))[0]
-        rows = await watches.search(conn, found, vector, args.threshold, args.limit)
+        rows = await watches.search(
+            conn,
+            found,
+            vector,
+            args.threshold,
+            args.limit,
+            text=args.text,
+            hybrid=args.hybrid,
+            filter=meta,
+        )
     if args.json:
         print(json.dumps(rows, default=str, indent=2))
         return 0
@@ -483,7 +507,8 @@ async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
         print("no rows found (are the vectors written yet? see `autoembed status`)")
     for r in rows:
         snippet = " ".join(str(r["content"]).split())[:110]
-        print(f"{r['similarity']:.3f}  {r['id']}  {snippet}")
+        score = f"{r['score']:.4f} " if "score" in r else ""
+        print(f"{score}{r['similarity']:.3f}  {r['id']}  {snippet}")
     return 0
 
 

@@ -16,7 +16,7 @@ from psycopg import sql
 
 from .db import describe, fetch_dicts, q
 from .engine.registry import lookup
-from .errors import WatchError
+from .errors import ConfigError, WatchError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,9 @@ async def find_watch(
             "autoembed._attname(w.source, w.embedding_attnum) AS embedding_column, "
             "autoembed._attname(w.source, w.content_attnum) AS content_column, "
             "autoembed._attname(w.source, w.pk_attnum) AS pk_column, "
-            "n.nspname AS fn_schema, p.proname AS fn_name "
+            "n.nspname AS fn_schema, p.proname AS fn_name, "
+            "(SELECT h.proname FROM pg_proc h WHERE h.oid = ANY (w.functions::oid[]) "
+            " AND h.proname LIKE 'hybrid\\_%%' LIMIT 1) AS hybrid_name "
             "FROM autoembed.watches w "
             "LEFT JOIN pg_proc p ON p.oid = w.match_function::oid "
             "LEFT JOIN pg_namespace n ON n.oid = p.pronamespace "
@@ -185,14 +187,45 @@ async def find_watch(
     return rows[0]
 
 
+def parse_filter(text: str | None) -> dict[str, Any]:
+    """A metadata filter given on the command line or over HTTP: a JSON object."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(
+            f"--filter must be a JSON object, e.g. '{{\"tenant\": 7}}': {exc}"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--filter must be a JSON object, not {type(value).__name__}")
+    return value
+
+
 async def search(
     conn: psycopg.AsyncConnection[Any],
     watch_row: Mapping[str, Any],
     vector: Any,
     threshold: float,
     limit: int,
+    *,
+    text: str | None = None,
+    hybrid: bool = False,
+    filter: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    query = sql.SQL("SELECT * FROM {}(%s, %s, %s)").format(
-        sql.Identifier(watch_row["fn_schema"], watch_row["fn_name"])
-    )
-    return await fetch_dicts(conn, query, (vector, threshold, limit))
+    """Through the watch's search functions (the caller's rights: row-level security
+    applies): nearest rows, or hybrid full text + vector with ``text``."""
+    meta = json.dumps(dict(filter or {}))
+    if hybrid:
+        if not watch_row.get("hybrid_name"):
+            raise WatchError("this watch has no hybrid search function: watch the table again")
+        query = sql.SQL(
+            "SELECT id, similarity, score, metadata, content FROM {}("
+            "query_text => %s, query_embedding => %s, match_count => %s, filter => %s::jsonb)"
+        ).format(sql.Identifier(watch_row["fn_schema"], watch_row["hybrid_name"]))
+        return await fetch_dicts(conn, query, (text, vector, limit, meta))
+    query = sql.SQL(
+        "SELECT id, similarity, metadata, content FROM {}("
+        "query_embedding => %s, match_threshold => %s, match_count => %s, filter => %s::jsonb)"
+    ).format(sql.Identifier(watch_row["fn_schema"], watch_row["fn_name"]))
+    return await fetch_dicts(conn, query, (vector, threshold, limit, meta))
