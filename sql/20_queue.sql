@@ -137,6 +137,12 @@ BEGIN
         RAISE WARNING 'autoembed: % is not fully watched any more: %', w.source, autoembed.watch_problem(w.id)
             USING HINT = 'Run `autoembed status`; watch the table again to re-point the watch.';
     END IF;
+    -- a lane whose inputs cannot be read: every row written is queued (what changed cannot
+    -- be told without reading them), and waits until the watch is served again
+    embed_cond := coalesce(embed_cond, 'true');
+    IF w.summary_attnum IS NOT NULL THEN
+        summary_cond := coalesce(summary_cond, 'true');
+    END IF;
     IF TG_OP = 'UPDATE' THEN
         query := format(
             'SELECT $1, l.lane, n.%1$I::pg_catalog.text

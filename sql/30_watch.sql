@@ -13,6 +13,7 @@ DROP FUNCTION IF EXISTS autoembed._install(integer, name);
 DROP FUNCTION IF EXISTS autoembed._requeue(integer, boolean);
 DROP FUNCTION IF EXISTS autoembed.watch(regclass, name, name, text, name, name, text, text, jsonb);
 DROP FUNCTION IF EXISTS autoembed.watch(regclass, name, name, text, name, name, text, text, jsonb, text, text);
+DROP FUNCTION IF EXISTS autoembed.watch(regclass, name, name, text, name, name, text, text, jsonb, text, text, name, text, text);
 
 -- The placeholders of a format template ("{title}: {body}"), in order of first appearance;
 -- "{{" and "}}" are literal braces. The worker renders templates with Python's str.format.
@@ -98,7 +99,8 @@ BEGIN
                       AND pg_get_indexdef(i.indexrelid) LIKE '%' || quote_ident(autoembed._attname(w.source, w.content_attnum)) || '%'
                       AND pg_get_indexdef(i.indexrelid) LIKE '%' || w.fts_config || '%') THEN
         RETURN format('CREATE INDEX %s %I ON %s USING gin ((pg_catalog.to_tsvector(%s, %I::pg_catalog.text)))',
-                      how, left(rel, 48) || '_w' || w.id || '_fts', w.source, p.cfg,
+                      how, left(rel || '_' || autoembed._attname(w.source, w.content_attnum), 44)
+                           || '_w' || w.id || '_fts', w.source, p.cfg,
                       autoembed._attname(w.source, w.content_attnum));
     END IF;
     -- 3. GIN on the metadata (filters: metadata @> filter)
@@ -241,12 +243,6 @@ DECLARE
                  ELSE pg_catalog.format('pg_catalog.hashtextextended(ARRAY[%s]::pg_catalog.text, 0)',
                                         pg_catalog.array_to_string(cols, ', ')) END;
     rel := src::pg_catalog.regclass::pg_catalog.text;
-    IF target IS NOT NULL AND NOT (target OPERATOR(pg_catalog.=) ANY (ARRAY[@EMBEDDING@, @NEXT@, @SUMMARY@]::pg_catalog.int2[])) THEN
-        RAISE EXCEPTION 'autoembed: watch @ID@ does not write column number %', target
-            USING ERRCODE = 'insufficient_privilege';
-    END IF;
-    tcol := (SELECT pg_catalog.quote_ident(a.attname) FROM pg_catalog.pg_attribute a
-              WHERE a.attrelid = src AND a.attnum = target AND NOT a.attisdropped);
     -- keys that do not parse as the key type are reported, not cast inside the query
     BEGIN
         EXECUTE pg_catalog.format('SELECT pg_catalog.count(k::%s) FROM pg_catalog.unnest($1) AS k', pktype)
@@ -264,6 +260,14 @@ DECLARE
             END;
         END LOOP;
     END;$r$;
+    -- the column a call writes: one of those the watch writes (checked: the worker says)
+    resolve_target constant text := $r$
+    IF target IS NOT NULL AND NOT (target OPERATOR(pg_catalog.=) ANY (ARRAY[@EMBEDDING@, @NEXT@, @SUMMARY@]::pg_catalog.int2[])) THEN
+        RAISE EXCEPTION 'autoembed: watch @ID@ does not write column number %', target
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    tcol := (SELECT pg_catalog.quote_ident(a.attname) FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid = src AND a.attnum = target AND NOT a.attisdropped);$r$;
     as_owner text;
     fns regprocedure[] := '{}';
     src text;
@@ -312,9 +316,20 @@ BEGIN
                    FROM ROWS FROM (pg_catalog.unnest(bad), pg_catalog.unnest(why)) AS b(k, e);
 END
 $body$$fn$;
-    src := replace(replace(src, '@NAME@', quote_ident(prefix || 'read')), '@RESOLVE@', resolve);
+    src := replace(replace(src, '@NAME@', quote_ident(prefix || 'read')), '@RESOLVE@', resolve || resolve_target);
     EXECUTE autoembed._fill_accessor(replace(src, '@AS_OWNER@', as_owner), w, settings);
     fns := fns || format('autoembed.%I(text, text[], integer)', prefix || 'read')::regprocedure;
+
+    IF w.chunking IS NOT NULL THEN
+        fns := fns || autoembed._chunk_accessors(w.id, resolve, as_owner);
+        -- the delete and truncate triggers forget passages; finish_migration swaps tables
+        EXECUTE format('GRANT EXECUTE ON FUNCTION autoembed.%I(text[]) TO autoembed_definer', prefix || 'forget');
+        EXECUTE format('GRANT EXECUTE ON FUNCTION autoembed.%I(oid, oid) TO autoembed_definer', prefix || 'swap');
+        FOR i IN 1 .. cardinality(fns) LOOP
+            PERFORM autoembed._give(fns[i], owner);
+        END LOOP;
+        RETURN fns;
+    END IF;
 
     -- write: store each value (a vector for the embed and next lanes, a text for summaries;
     -- NULL clears) in column number `target` where the row's inputs still hash as what was
@@ -344,13 +359,13 @@ BEGIN
         'WITH v AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.text[]),
                                               pg_catalog.unnest($2::pg_catalog.int8[]),
                                               pg_catalog.unnest(%8$s)) AS v(pk, hash, val)),
-              locked AS (SELECT t.%1$s::pg_catalog.text AS pk, %3$s AS hash FROM %6$s AS t
+              locked AS (SELECT t.%1$s AS pk, %3$s AS hash FROM %6$s AS t
                           WHERE t.%1$s OPERATOR(pg_catalog.=) ANY ($1::%5$s[])
                             FOR NO KEY UPDATE OF t SKIP LOCKED),
-              seen AS (SELECT t.%1$s::pg_catalog.text AS pk FROM %6$s AS t
+              seen AS (SELECT t.%1$s AS pk FROM %6$s AS t
                         WHERE t.%1$s OPERATOR(pg_catalog.=) ANY ($1::%5$s[])),
               upd AS (UPDATE %6$s AS t SET %7$s = v.val
-                        FROM v JOIN locked AS l ON l.pk OPERATOR(pg_catalog.=) v.pk
+                        FROM v JOIN locked AS l ON l.pk OPERATOR(pg_catalog.=) v.pk::%5$s
                        WHERE t.%1$s OPERATOR(pg_catalog.=) v.pk::%5$s
                          AND l.hash IS NOT DISTINCT FROM v.hash
                          AND %3$s IS NOT DISTINCT FROM v.hash
@@ -363,8 +378,8 @@ BEGIN
                     WHEN s.pk IS NOT NULL THEN ''busy''
                     WHEN pg_catalog.row_security_active(%6$L::pg_catalog.regclass) THEN ''hidden''
                     ELSE ''missing'' END)
-           FROM v LEFT JOIN locked AS l ON l.pk OPERATOR(pg_catalog.=) v.pk
-                  LEFT JOIN seen AS s ON s.pk OPERATOR(pg_catalog.=) v.pk
+           FROM v LEFT JOIN locked AS l ON l.pk OPERATOR(pg_catalog.=) v.pk::%5$s
+                  LEFT JOIN seen AS s ON s.pk OPERATOR(pg_catalog.=) v.pk::%5$s
           WHERE (SELECT pg_catalog.count(*) FROM upd) OPERATOR(pg_catalog.>=) 0',
         pkcol, NULL, hash, NULL, pktype, rel, tcol,
         CASE WHEN lane OPERATOR(pg_catalog.=) 'summary' THEN '$4::pg_catalog.text[]'
@@ -410,7 +425,7 @@ BEGIN
                    FROM ROWS FROM (pg_catalog.unnest(bad), pg_catalog.unnest(why)) AS b(k, e);
 END
 $body$$fn$;
-    src := replace(replace(src, '@NAME@', quote_ident(prefix || 'write')), '@RESOLVE@', resolve);
+    src := replace(replace(src, '@NAME@', quote_ident(prefix || 'write')), '@RESOLVE@', resolve || resolve_target);
     src := replace(src, '@VSCHEMA_LIT@', quote_literal(vschema));
     EXECUTE autoembed._fill_accessor(replace(src, '@AS_OWNER@', as_owner), w, settings);
     fns := fns || format('autoembed.%I(text, smallint, text[], bigint[], %I.vector[], text[])',
@@ -434,12 +449,16 @@ BEGIN
         pkcol, rel,
         (SELECT pg_catalog.string_agg(pg_catalog.format('%s IS NOT NULL', c), ' OR ')
            FROM pg_catalog.unnest(cols) AS c),
-        CASE WHEN only_missing AND tcol IS NOT NULL THEN pg_catalog.format(' AND t.%s IS NULL', tcol) ELSE '' END);
+        -- every row with text; with only_missing, those without a result yet; without it,
+        -- also rows without text that still hold one (it is cleared)
+        CASE WHEN tcol IS NULL THEN ''
+             WHEN only_missing THEN pg_catalog.format(' AND t.%s IS NULL', tcol)
+             ELSE pg_catalog.format(' OR t.%s IS NOT NULL', tcol) END);
     @AS_OWNER@
     RETURN QUERY EXECUTE q;
 END
 $body$$fn$;
-    src := replace(replace(src, '@NAME@', quote_ident(prefix || 'keys')), '@RESOLVE@', resolve);
+    src := replace(replace(src, '@NAME@', quote_ident(prefix || 'keys')), '@RESOLVE@', resolve || resolve_target);
     EXECUTE autoembed._fill_accessor(replace(src, '@AS_OWNER@', as_owner), w, settings || key_settings);
     fns := fns || format('autoembed.%I(text, smallint, boolean)', prefix || 'keys')::regprocedure;
 
@@ -496,7 +515,9 @@ RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(src,
+    SELECT replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(src,
+        '@NEXT_CHUNKS@', coalesce(w.next_chunk_table::oid::text, 'NULL')),
+        '@CHUNKS@', coalesce(w.chunk_table::oid::text, 'NULL')),
         '@SETTINGS@', settings),
         '@SRC@', w.source::oid::text),
         '@PK@', w.pk_attnum::text),
@@ -732,7 +753,7 @@ CREATE OR REPLACE FUNCTION autoembed.watch(
     source regclass,
     content_column name,
     embedding_column name DEFAULT 'embedding',
-    model text DEFAULT 'gte-small',
+    model text DEFAULT NULL,
     match_function name DEFAULT NULL,
     summary_column name DEFAULT NULL,
     llm_model text DEFAULT NULL,
@@ -742,7 +763,8 @@ CREATE OR REPLACE FUNCTION autoembed.watch(
     index text DEFAULT 'auto',
     metadata_column name DEFAULT NULL,
     language text DEFAULT 'english',
-    storage text DEFAULT 'vector'
+    storage text DEFAULT 'vector',
+    chunking jsonb DEFAULT NULL
 )
 RETURNS integer
 LANGUAGE plpgsql
@@ -752,7 +774,14 @@ DECLARE
     src constant regclass := watch.source;
     emb constant name := watch.embedding_column;
     content constant name := watch.content_column;
-    m autoembed.models%ROWTYPE := autoembed._model(watch.model);
+    -- no model named: the watch's own (re-pointing a watch keeps its model), else gte-small
+    m autoembed.models%ROWTYPE := autoembed._model(coalesce(watch.model,
+        (SELECT x.model FROM autoembed.watches x
+          WHERE x.source = watch.source
+            AND (autoembed._attname(x.source, x.embedding_attnum) = watch.embedding_column
+                 OR x.chunk_table::text = coalesce(watch.chunking->>'table', '-'))
+          LIMIT 1),
+        'gte-small'));
     w autoembed.watches%ROWTYPE;
     kind "char";
     pk_nums smallint[];
@@ -772,6 +801,10 @@ DECLARE
     queued bigint;
     statement text;
     changed boolean;
+    chunk_name name;
+    chunks regclass;
+    opts jsonb;
+    switch boolean := false;
 BEGIN
     SELECT c.relkind INTO kind FROM pg_class c WHERE c.oid = src;
     IF kind NOT IN ('r', 'p') THEN
@@ -831,9 +864,32 @@ BEGIN
     END IF;
 
     content_num := (autoembed._attnums(src, ARRAY[content], 'the text to embed'))[1];
-    embed_in := CASE WHEN watch.template IS NULL THEN ARRAY[content_num]
-                     ELSE autoembed._attnums(src, autoembed._template_columns(watch.template),
-                                             'used by the template') END;
+    IF watch.chunking IS NULL THEN
+        IF watch.template IS NOT NULL AND 'chunk' = ANY (autoembed._template_columns(watch.template)) THEN
+            RAISE EXCEPTION 'autoembed: {chunk} is the passage of a chunked watch; this watch is not chunked'
+                USING HINT = 'Pass chunking => ''{}'' (--chunk), or use column names only.',
+                      ERRCODE = 'invalid_parameter_value';
+        END IF;
+        embed_in := CASE WHEN watch.template IS NULL THEN ARRAY[content_num]
+                         ELSE autoembed._attnums(src, autoembed._template_columns(watch.template),
+                                                 'used by the template') END;
+    ELSE
+        opts := autoembed._chunk_options(watch.chunking);
+        IF watch.template IS NOT NULL AND NOT ('chunk' = ANY (autoembed._template_columns(watch.template))) THEN
+            RAISE EXCEPTION 'autoembed: the template of a chunked watch must place the passage: {chunk}'
+                USING HINT = 'For example: ''{title}\n\n{chunk}''.', ERRCODE = 'invalid_parameter_value';
+        END IF;
+        -- the text to cut first, then the template's other columns, in order
+        embed_in := ARRAY[content_num]
+                    || CASE WHEN watch.template IS NULL THEN '{}'::smallint[]
+                            ELSE coalesce(autoembed._attnums(src, array_remove(
+                                     autoembed._template_columns(watch.template), 'chunk'::name),
+                                     'used by the template'), '{}') END;
+        chunk_name := coalesce(watch.chunking->>'table',
+                               left((SELECT relname FROM pg_class WHERE oid = src), 56) || '_chunks');
+        chunks := to_regclass(format('%I.%I', (SELECT n.nspname FROM pg_class c JOIN pg_namespace n
+                                                ON n.oid = c.relnamespace WHERE c.oid = src), chunk_name));
+    END IF;
     IF watch.summary_column IS NOT NULL THEN
         IF watch.llm_model IS NULL THEN
             RAISE EXCEPTION 'autoembed: a summary column needs an LLM model (llm_model)'
@@ -856,21 +912,41 @@ BEGIN
     END IF;
 
     vtype := autoembed.storage_oid(storage);
-    SELECT a.attnum, a.atttypid, a.atttypmod INTO emb_num, col_type, col_typmod
-      FROM pg_attribute a WHERE a.attrelid = src AND a.attname = emb AND a.attnum > 0 AND NOT a.attisdropped;
-    SELECT * INTO w FROM autoembed.watches x WHERE x.source = src AND x.embedding_attnum = emb_num;
-    IF FOUND THEN
+    IF watch.chunking IS NOT NULL THEN
+        SELECT * INTO w FROM autoembed.watches x WHERE x.source = src AND x.chunk_table = chunks;
+        IF NOT FOUND AND chunks IS NOT NULL THEN
+            RAISE EXCEPTION 'autoembed: table % exists and is not the chunk table of a watch', chunks
+                USING HINT = 'Pass chunking => ''{"table": "another_name"}'' (--chunk-table).',
+                      ERRCODE = 'duplicate_table';
+        END IF;
+    ELSE
+        SELECT a.attnum, a.atttypid, a.atttypmod INTO emb_num, col_type, col_typmod
+          FROM pg_attribute a WHERE a.attrelid = src AND a.attname = emb AND a.attnum > 0 AND NOT a.attisdropped;
+        SELECT * INTO w FROM autoembed.watches x WHERE x.source = src AND x.embedding_attnum = emb_num;
+    END IF;
+    IF FOUND AND w.chunking IS NOT NULL THEN
+        PERFORM autoembed._lock_watch(w.id);
+        IF w.storage <> storage THEN
+            RAISE EXCEPTION 'autoembed: % stores %, not %', chunks, w.storage, storage
+                USING ERRCODE = 'feature_not_supported';
+        END IF;
+        -- another model, chunking or template: new passages beside the old ones, swapped in
+        IF (w.next_chunking IS NULL AND (w.model <> m.name OR w.chunking <> opts
+                                          OR w.template IS DISTINCT FROM watch.template))
+           OR (w.next_chunking IS NOT NULL AND (w.next_model <> m.name OR w.next_chunking <> opts
+                                                OR w.next_template IS DISTINCT FROM watch.template)) THEN
+            PERFORM autoembed._change_chunked(w.id, m.name, opts, watch.template, embed_in);
+            SELECT * INTO w FROM autoembed.watches x WHERE x.id = w.id;
+        END IF;
+    ELSIF FOUND THEN
         PERFORM autoembed._lock_watch(w.id);
         IF w.storage <> storage THEN
             RAISE EXCEPTION 'autoembed: %.% stores %, not %', src, emb, w.storage, storage
                 USING HINT = 'Watch another embedding column with the new storage (and unwatch this one).',
                       ERRCODE = 'feature_not_supported';
         END IF;
-        IF w.model <> m.name AND w.next_model IS DISTINCT FROM m.name THEN
-            PERFORM autoembed.set_model(src, m.name, emb);
-            SELECT * INTO w FROM autoembed.watches x WHERE x.id = w.id;
-        END IF;
-    ELSE
+        switch := w.model <> m.name AND w.next_model IS DISTINCT FROM m.name;
+    ELSIF watch.chunking IS NULL THEN
         IF emb_num IS NULL THEN
             EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', src, emb, autoembed.storage_type(m.dim, storage));
             SELECT a.attnum INTO emb_num FROM pg_attribute a
@@ -900,13 +976,14 @@ BEGIN
                       AND p.pronamespace = (SELECT relnamespace FROM pg_class WHERE oid = src)
                       AND EXISTS (SELECT FROM pg_class c WHERE c.oid = x.source)) THEN
             -- another watch has it (of this table, or of one whose long name starts alike)
-            longer := 'match_' || (SELECT relname FROM pg_class WHERE oid = src) || '_' || emb;
+            longer := 'match_' || CASE WHEN watch.chunking IS NOT NULL THEN chunk_name
+                                       ELSE (SELECT relname FROM pg_class WHERE oid = src) || '_' || emb END;
             fn_name := CASE WHEN length(longer) <= 63 THEN longer
                             ELSE left(longer, 52) || '_' || left(md5(src::oid::text || emb), 10) END;
         END IF;
     END IF;
     -- a watch left behind by a dropped table of the same name gives its function up
-    DELETE FROM autoembed.watches x
+    PERFORM autoembed.drop_watch(x.id) FROM autoembed.watches x
      WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = x.source)
        AND x.match_function::oid IN (SELECT p.oid FROM pg_proc p
                                       WHERE p.proname = fn_name
@@ -916,13 +993,20 @@ BEGIN
         INSERT INTO autoembed.watches AS x (source, pk_column, pk_type, content_column,
                 embedding_column, model, dim, summary_column, llm_model, llm_prompt, llm_options,
                 pk_attnum, content_attnum, embedding_attnum, summary_attnum, embed_inputs,
-                summary_inputs, template, index_state, metadata_attnum, fts_config, storage)
+                summary_inputs, template, index_state, metadata_attnum, fts_config, storage,
+                chunking)
         VALUES (src, autoembed._attname(src, pk_nums[1]), format_type(pk_typ, NULL), content,
-                emb, m.name, m.dim, watch.summary_column, watch.llm_model, watch.llm_prompt,
+                CASE WHEN watch.chunking IS NULL THEN emb ELSE chunk_name END,
+                m.name, m.dim, watch.summary_column, watch.llm_model, watch.llm_prompt,
                 coalesce(watch.llm_options, '{}'::jsonb), pk_nums[1], content_num, emb_num,
                 summary_num, embed_in, summary_in, watch.template,
-                CASE WHEN index = 'now' THEN 'ready' ELSE 'deferred' END, meta_num, language, storage)
+                CASE WHEN index = 'now' THEN 'ready' ELSE 'deferred' END, meta_num, language, storage,
+                opts)
         RETURNING x.id INTO wid;
+        IF opts IS NOT NULL THEN
+            UPDATE autoembed.watches x SET chunk_table = autoembed._make_chunk_table(wid, chunk_name, m.dim)
+             WHERE x.id = wid;
+        END IF;
         PERFORM autoembed._install(wid, fn_name);
         queued := autoembed._requeue(wid, ARRAY['embed'], true);
         IF summary_num IS NOT NULL THEN
@@ -954,6 +1038,9 @@ BEGIN
                                            OR x.llm_model IS DISTINCT FROM watch.llm_model
                                       THEN 1 ELSE 0 END
      WHERE x.id = wid;
+    IF switch THEN  -- another model: after the columns are re-pointed
+        PERFORM autoembed.set_model(src, m.name, emb);
+    END IF;
     PERFORM autoembed._install(wid, fn_name);
     -- the same inputs: queue what has no vector yet; other inputs (another column or
     -- template): every row, its vector is made from other text now
