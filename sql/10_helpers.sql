@@ -119,6 +119,15 @@ AS $$
      WHERE a.attrelid = rel AND a.attnum = num AND a.attnum > 0 AND NOT a.attisdropped
 $$;
 
+-- The attribute number of a chunk table's embedding column.
+CREATE OR REPLACE FUNCTION autoembed._chunk_embedding(tbl oid)
+RETURNS smallint
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = 'embedding' AND NOT a.attisdropped
+$$;
+
 -- The attribute numbers of columns given by name, in order; an unknown name is refused.
 CREATE OR REPLACE FUNCTION autoembed._attnums(rel regclass, names name[], what text)
 RETURNS smallint[]
@@ -211,6 +220,9 @@ BEGIN
             RETURN format('its vector column %I is now %s, not %s(%s)',
                           a.attname, format_type(a.atttypid, a.atttypmod), w.storage, w.dim);
         END IF;
+    END IF;
+    IF w.chunking IS NOT NULL AND (w.chunk_table IS NULL OR NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = w.chunk_table)) THEN
+        RETURN 'its chunk table was dropped: `autoembed unwatch` it, then watch the table again';
     END IF;
     IF w.metadata_attnum IS NOT NULL THEN
         SELECT at.attname, at.atttypid INTO a FROM pg_attribute at

@@ -200,15 +200,22 @@ BEGIN
     END IF;
     IF TG_OP = 'TRUNCATE' THEN
         DELETE FROM autoembed.jobs j WHERE j.watch_id = w.id;
+        IF w.chunking IS NOT NULL THEN  -- the passages go too, as the table's owner
+            EXECUTE format('SELECT autoembed.%I(NULL)', 'w' || w.id || '_forget');
+        END IF;
         RETURN NULL;
-    END IF;
-    IF NOT EXISTS (SELECT FROM autoembed.jobs j WHERE j.watch_id = w.id) THEN
-        RETURN NULL;  -- nothing queued: nothing to look up
     END IF;
     SELECT a.attname, a.atttypid INTO pk FROM pg_attribute a
      WHERE a.attrelid = TG_RELID AND a.attnum = w.pk_attnum AND NOT a.attisdropped;
     IF pk.attname IS NULL OR NOT autoembed._key_type(pk.atttypid) THEN
         RETURN NULL;  -- the worker drops jobs of missing rows when it reaches them
+    END IF;
+    IF w.chunking IS NOT NULL THEN
+        EXECUTE format('SELECT autoembed.%I(ARRAY(SELECT o.%I::pg_catalog.text FROM old_rows o))',
+                       'w' || w.id || '_forget', pk.attname);
+    END IF;
+    IF NOT EXISTS (SELECT FROM autoembed.jobs j WHERE j.watch_id = w.id) THEN
+        RETURN NULL;  -- nothing queued: nothing to look up
     END IF;
     EXECUTE format(
         'DELETE FROM autoembed.jobs j

@@ -84,6 +84,9 @@ BEGIN
     IF rel IS NULL THEN
         RETURN NULL;
     END IF;
+    IF w.chunking IS NOT NULL THEN
+        RETURN autoembed._chunk_index_sql(w, how);
+    END IF;
     -- 1. HNSW on the vector column (or the shadow column of a model change)
     num := coalesce(w.next_attnum, w.embedding_attnum);
     col := autoembed._attname(w.source, num);
@@ -141,8 +144,9 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
     UPDATE autoembed.watches w SET index_state = 'ready'
-     WHERE w.id = watch_id AND w.next_attnum IS NULL
-       AND autoembed._hnsw_index(w.source, w.embedding_attnum) IS NOT NULL
+     WHERE w.id = watch_id AND w.next_model IS NULL
+       AND (autoembed._hnsw_index(w.source, w.embedding_attnum) IS NOT NULL
+            OR autoembed._hnsw_index(w.chunk_table, autoembed._chunk_embedding(w.chunk_table)) IS NOT NULL)
     RETURNING true
 $$;
 
@@ -589,7 +593,8 @@ BEGIN
        AND (SELECT proname FROM pg_proc WHERE oid = w.match_function::oid) <> match_name THEN
         EXECUTE format('DROP FUNCTION %s', w.match_function);
     END IF;
-    searches := autoembed._search_functions(w.id, match_name);
+    searches := CASE WHEN w.chunking IS NULL THEN autoembed._search_functions(w.id, match_name)
+                     ELSE autoembed._chunk_search_functions(w.id, match_name) END;
     created := searches[1];
 
     fns := autoembed._accessors(w.id);
@@ -618,11 +623,15 @@ DECLARE
 BEGIN
     FOREACH lane IN ARRAY lanes LOOP
         EXECUTE autoembed._enqueue_sql(format(
-            'SELECT %s, %L, k FROM autoembed.%I(%L, %s::smallint, %L) AS k',
+            'SELECT %s, %L, k FROM autoembed.%I(%L, %s, %L) AS k',
             watch_id, lane, 'w' || watch_id || '_keys', lane,
-            coalesce((SELECT CASE lane WHEN 'embed' THEN x.embedding_attnum WHEN 'next' THEN x.next_attnum
-                                       ELSE x.summary_attnum END
-                        FROM autoembed.watches x WHERE x.id = watch_id)::text, 'NULL'),
+            (SELECT CASE WHEN x.chunking IS NOT NULL AND lane <> 'summary'
+                         THEN coalesce((CASE lane WHEN 'next' THEN x.next_chunk_table
+                                                  ELSE x.chunk_table END)::oid::text, 'NULL') || '::oid'
+                         ELSE coalesce((CASE lane WHEN 'embed' THEN x.embedding_attnum
+                                                  WHEN 'next' THEN x.next_attnum
+                                                  ELSE x.summary_attnum END)::text, 'NULL') || '::smallint' END
+               FROM autoembed.watches x WHERE x.id = watch_id),
             only_missing), 'backfill');
         GET DIAGNOSTICS n = ROW_COUNT;
         queued := queued + n;
@@ -674,15 +683,21 @@ DECLARE
 BEGIN
     SELECT * INTO w FROM autoembed.watches x
      WHERE x.source = set_model.source
-       AND autoembed._attname(x.source, x.embedding_attnum) = set_model.embedding_column;
+       AND (autoembed._attname(x.source, x.embedding_attnum) = set_model.embedding_column
+            OR (SELECT relname FROM pg_class WHERE oid = x.chunk_table) = set_model.embedding_column);
     IF NOT FOUND THEN
         RAISE EXCEPTION 'autoembed: %.% is not watched', set_model.source, set_model.embedding_column
             USING ERRCODE = 'undefined_object';
     END IF;
     PERFORM autoembed._lock_watch(w.id);
     IF w.next_model IS NOT NULL THEN  -- a change in progress is replaced
-        EXECUTE format('ALTER TABLE %s DROP COLUMN IF EXISTS %I', w.source,
-                       autoembed._attname(w.source, w.next_attnum));
+        IF w.chunking IS NOT NULL THEN
+            EXECUTE format('DROP TABLE IF EXISTS %s', w.next_chunk_table);
+            UPDATE autoembed.watches x SET next_chunk_table = NULL WHERE x.id = w.id;
+        ELSE
+            EXECUTE format('ALTER TABLE %s DROP COLUMN IF EXISTS %I', w.source,
+                           autoembed._attname(w.source, w.next_attnum));
+        END IF;
         DELETE FROM autoembed.jobs j WHERE j.watch_id = w.id AND j.lane = 'next';
         UPDATE autoembed.watches x SET next_model = NULL, next_dim = NULL, next_attnum = NULL,
                                        version = x.version + 1 WHERE x.id = w.id;
@@ -692,12 +707,19 @@ BEGIN
         RETURN w.id;
     END IF;
     shadow := left(set_model.embedding_column, 50) || '__next_' || w.id;
-    EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', w.source, shadow, autoembed.storage_type(m.dim, w.storage));
-    UPDATE autoembed.watches x
-       SET next_model = m.name, next_dim = m.dim,
-           next_attnum = (SELECT attnum FROM pg_attribute WHERE attrelid = w.source AND attname = shadow),
-           version = x.version + 1
-     WHERE x.id = w.id;
+    IF w.chunking IS NOT NULL THEN
+        UPDATE autoembed.watches x SET next_model = m.name, next_dim = m.dim, version = x.version + 1
+         WHERE x.id = w.id;
+        UPDATE autoembed.watches x SET next_chunk_table = autoembed._make_chunk_table(w.id, shadow, m.dim)
+         WHERE x.id = w.id;
+    ELSE
+        EXECUTE format('ALTER TABLE %s ADD COLUMN %I %s', w.source, shadow, autoembed.storage_type(m.dim, w.storage));
+        UPDATE autoembed.watches x
+           SET next_model = m.name, next_dim = m.dim,
+               next_attnum = (SELECT attnum FROM pg_attribute WHERE attrelid = w.source AND attname = shadow),
+               version = x.version + 1
+         WHERE x.id = w.id;
+    END IF;
     PERFORM autoembed._install(w.id, (SELECT proname FROM pg_proc WHERE oid = w.match_function::oid));
     PERFORM autoembed._requeue(w.id, ARRAY['next'], false);
     RETURN w.id;
@@ -733,13 +755,20 @@ BEGIN
         RETURN 'some rows failed with the new model: see autoembed status, retry them';
     END IF;
     PERFORM set_config('autoembed.in_ddl', 'on', true);  -- no refresh by the event trigger
-    EXECUTE format('SELECT autoembed.%I(%s::smallint, %s::smallint)', 'w' || w.id || '_swap',
-                   w.embedding_attnum, w.next_attnum) INTO note;
+    IF w.chunking IS NOT NULL THEN
+        EXECUTE format('SELECT autoembed.%I(%s::oid, %s::oid)', 'w' || w.id || '_swap',
+                       w.chunk_table::oid, w.next_chunk_table::oid) INTO note;
+    ELSE
+        EXECUTE format('SELECT autoembed.%I(%s::smallint, %s::smallint)', 'w' || w.id || '_swap',
+                       w.embedding_attnum, w.next_attnum) INTO note;
+    END IF;
     PERFORM set_config('autoembed.in_ddl', 'off', true);
     DELETE FROM autoembed.jobs j WHERE j.watch_id = w.id AND j.lane = 'embed';
     UPDATE autoembed.watches x
-       SET model = w.next_model, dim = w.next_dim, embedding_attnum = w.next_attnum,
-           next_model = NULL, next_dim = NULL, next_attnum = NULL,
+       SET model = w.next_model, dim = w.next_dim,
+           embedding_attnum = CASE WHEN w.chunking IS NULL THEN w.next_attnum END,
+           chunk_table = coalesce(w.next_chunk_table, w.chunk_table),
+           next_model = NULL, next_dim = NULL, next_attnum = NULL, next_chunk_table = NULL,
            index_note = note, version = x.version + 1
      WHERE x.id = w.id;
     PERFORM pg_notify('autoembed', w.id::text);
@@ -930,14 +959,9 @@ BEGIN
             RAISE EXCEPTION 'autoembed: % stores %, not %', chunks, w.storage, storage
                 USING ERRCODE = 'feature_not_supported';
         END IF;
-        -- another model, chunking or template: new passages beside the old ones, swapped in
-        IF (w.next_chunking IS NULL AND (w.model <> m.name OR w.chunking <> opts
-                                          OR w.template IS DISTINCT FROM watch.template))
-           OR (w.next_chunking IS NOT NULL AND (w.next_model <> m.name OR w.next_chunking <> opts
-                                                OR w.next_template IS DISTINCT FROM watch.template)) THEN
-            PERFORM autoembed._change_chunked(w.id, m.name, opts, watch.template, embed_in);
-            SELECT * INTO w FROM autoembed.watches x WHERE x.id = w.id;
-        END IF;
+        -- another model: new passages in a table beside the old ones, swapped in at the end;
+        -- other chunking or template (same model, same vector space): rows re-chunked in place
+        switch := w.model <> m.name AND w.next_model IS DISTINCT FROM m.name;
     ELSIF FOUND THEN
         PERFORM autoembed._lock_watch(w.id);
         IF w.storage <> storage THEN
@@ -1025,21 +1049,28 @@ BEGIN
     wid := w.id;
     -- other inputs, or a watch that could not be served (rows changed unseen): every row
     changed := w.embed_inputs IS DISTINCT FROM embed_in OR w.template IS DISTINCT FROM watch.template
-               OR autoembed.watch_problem(w.id) IS NOT NULL;
+               OR w.chunking IS DISTINCT FROM opts OR autoembed.watch_problem(w.id) IS NOT NULL;
+    IF changed THEN  -- a full-text index on a column the watch no longer reads goes
+        FOR statement IN SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                          WHERE i.indrelid = src AND c.relname LIKE '%\_w' || wid || '\_fts'
+                            AND pg_get_indexdef(i.indexrelid) NOT LIKE '%' || quote_ident(content) || '%' LOOP
+            EXECUTE format('DROP INDEX %s', statement);
+        END LOOP;
+    END IF;
     UPDATE autoembed.watches x
        SET content_column = content, content_attnum = content_num, pk_attnum = pk_nums[1],
            summary_column = watch.summary_column, summary_attnum = summary_num,
            llm_model = watch.llm_model, llm_prompt = watch.llm_prompt,
            llm_options = coalesce(watch.llm_options, '{}'::jsonb),
            embed_inputs = embed_in, summary_inputs = summary_in, template = watch.template,
-           metadata_attnum = meta_num, fts_config = language,
+           metadata_attnum = meta_num, fts_config = language, chunking = opts,
            version = x.version + CASE WHEN changed OR x.summary_inputs IS DISTINCT FROM summary_in
                                            OR x.llm_prompt IS DISTINCT FROM watch.llm_prompt
                                            OR x.llm_model IS DISTINCT FROM watch.llm_model
                                       THEN 1 ELSE 0 END
      WHERE x.id = wid;
     IF switch THEN  -- another model: after the columns are re-pointed
-        PERFORM autoembed.set_model(src, m.name, emb);
+        PERFORM autoembed.set_model(src, m.name, CASE WHEN opts IS NULL THEN emb ELSE chunk_name END);
     END IF;
     PERFORM autoembed._install(wid, fn_name);
     -- the same inputs: queue what has no vector yet; other inputs (another column or
@@ -1096,7 +1127,8 @@ DECLARE
 BEGIN
     SELECT x.id INTO wid FROM autoembed.watches x
      WHERE x.source = unwatch.source
-       AND autoembed._attname(x.source, x.embedding_attnum) = unwatch.embedding_column;
+       AND (autoembed._attname(x.source, x.embedding_attnum) = unwatch.embedding_column
+            OR (SELECT relname FROM pg_class WHERE oid = x.chunk_table) = unwatch.embedding_column);
     IF wid IS NULL THEN
         RETURN false;
     END IF;
@@ -1122,6 +1154,12 @@ BEGIN
     PERFORM autoembed._lock_watch(w.id);
     PERFORM autoembed._uninstall(w.id);
     DELETE FROM autoembed.watches x WHERE x.id = w.id;
+    IF w.next_chunk_table IS NOT NULL AND EXISTS (SELECT FROM pg_class c WHERE c.oid = w.next_chunk_table) THEN
+        EXECUTE format('DROP TABLE %s', w.next_chunk_table);
+    END IF;
+    IF drop_column AND w.chunk_table IS NOT NULL AND EXISTS (SELECT FROM pg_class c WHERE c.oid = w.chunk_table) THEN
+        EXECUTE format('DROP TABLE %s', w.chunk_table);
+    END IF;
     IF EXISTS (SELECT FROM pg_class c WHERE c.oid = w.source) THEN
         col := autoembed._attname(w.source, w.next_attnum);
         IF col IS NOT NULL THEN

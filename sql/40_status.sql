@@ -13,8 +13,9 @@ SELECT w.id AS watch_id,
        coalesce(autoembed._attname(w.source, w.content_attnum), w.content_column) AS content_column,
        CASE l.lane
            WHEN 'summary' THEN coalesce(autoembed._attname(w.source, w.summary_attnum), w.summary_column)
-           WHEN 'next' THEN autoembed._attname(w.source, w.next_attnum)
-           ELSE coalesce(autoembed._attname(w.source, w.embedding_attnum), w.embedding_column) END
+           WHEN 'next' THEN coalesce(autoembed._attname(w.source, w.next_attnum), w.next_chunk_table::text)
+           ELSE coalesce(autoembed._attname(w.source, w.embedding_attnum), w.chunk_table::text,
+                         w.embedding_column) END
            AS target_column,
        CASE l.lane WHEN 'embed' THEN w.model WHEN 'next' THEN w.next_model ELSE w.llm_model END AS model,
        l.lane,
@@ -30,12 +31,21 @@ SELECT w.id AS watch_id,
        autoembed.watch_problem(w.id) AS problem,
        CASE WHEN l.lane = 'summary' THEN NULL
             WHEN w.index_state = 'deferred' THEN 'deferred: built once the backfill is done'
-            WHEN autoembed._hnsw_index(w.source, CASE l.lane WHEN 'next' THEN w.next_attnum
-                                                              ELSE w.embedding_attnum END) IS NULL
+            WHEN (w.chunking IS NULL AND autoembed._hnsw_index(w.source, CASE l.lane WHEN 'next' THEN w.next_attnum
+                                                              ELSE w.embedding_attnum END) IS NULL)
+              OR (w.chunking IS NOT NULL AND autoembed._hnsw_index(
+                      CASE l.lane WHEN 'next' THEN w.next_chunk_table ELSE w.chunk_table END,
+                      autoembed._chunk_embedding(CASE l.lane WHEN 'next' THEN w.next_chunk_table
+                                                             ELSE w.chunk_table END)) IS NULL)
                  THEN CASE l.lane WHEN 'next' THEN 'building once the new vectors are done'
                                   ELSE 'none (search scans the table)' END
             ELSE 'ready' END AS index,
-       w.index_note
+       w.index_note,
+       -- passages of a chunked watch (the planner's estimate: exact counts cost a scan)
+       CASE WHEN w.chunking IS NOT NULL AND l.lane <> 'summary' THEN
+           (SELECT greatest(c.reltuples, 0)::bigint FROM pg_class c
+             WHERE c.oid = CASE l.lane WHEN 'next' THEN w.next_chunk_table ELSE w.chunk_table END) END
+           AS chunks
   FROM autoembed.watches w
   LEFT JOIN pg_class c ON c.oid = w.source
  CROSS JOIN LATERAL unnest(coalesce(autoembed.watch_lanes(w.id), ARRAY['embed'])) AS l(lane)
