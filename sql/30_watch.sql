@@ -600,7 +600,9 @@ BEGIN
     fns := autoembed._accessors(w.id);
     UPDATE autoembed.watches x
        SET match_function = created, functions = fns || searches,
-           pk_column = pk_name, content_column = content_name, embedding_column = emb_name,
+           pk_column = pk_name, content_column = content_name,
+           embedding_column = coalesce(emb_name, (SELECT relname FROM pg_class WHERE oid = w.chunk_table),
+                                       x.embedding_column),
            pk_type = (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
                        WHERE a.attrelid = w.source AND a.attnum = w.pk_attnum),
            summary_column = autoembed._attname(w.source, w.summary_attnum)

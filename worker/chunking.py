@@ -13,9 +13,10 @@ last ``chunk_overlap`` tokens (or fewer, from a sentence or word start) of the o
 
 The text is tokenized in pieces of at most ``PIECE_CHARS`` characters, and chunks are
 produced one at a time, so a 10 MB text never becomes one giant token list; past
-``max_chunks`` the rest is counted, not kept. Each chunk is re-tokenized before it is
-given out: its ``tokens`` is exact, and a chunk that comes out longer than the budget
-(possible only where a cut falls inside a word) is cut shorter.
+``max_chunks`` the rest is counted, not kept. A chunk's ``tokens`` is exact: with BERT's
+tokenizer a chunk cut between words has the tokens it had in the text; where that may not
+hold (a cut inside a word, another tokenizer) the chunk is tokenized again, and cut
+shorter if it came out over the budget.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ import re
 from bisect import bisect_right
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from tokenizers import Tokenizer
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # not at run time: the engine's package loads onnxruntime
+    from .engine.resolve import ModelFiles
 
 Splitter = Literal["markdown", "paragraph", "sentence", "word"]
 SPLITTERS: tuple[str, ...] = get_args(Splitter)
@@ -87,12 +91,18 @@ class Chunks:
     dropped: int  # chunks past max_chunks, counted but not returned
 
 
-def _check_int(name: str, value: object, least: int) -> int:
+def _check_int(name: str, value: object, least: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"{name} must be an integer, not {value!r}")
     if value < least:
         raise ConfigError(f"{name} must be at least {least}, not {value}")
-    return value
+
+
+def _check_overlap(overlap: int, chunk_tokens: int) -> None:
+    if overlap >= chunk_tokens:
+        raise ConfigError(
+            f"chunk_overlap ({overlap}) must be less than chunk_tokens ({chunk_tokens})"
+        )
 
 
 @dataclass(frozen=True)
@@ -113,11 +123,8 @@ class ChunkOptions:
             raise ConfigError(
                 f"splitter must be one of {', '.join(SPLITTERS)}, not {self.splitter!r}"
             )
-        if self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens:
-            raise ConfigError(
-                f"chunk_overlap ({self.chunk_overlap}) must be less than chunk_tokens "
-                f"({self.chunk_tokens})"
-            )
+        if self.chunk_tokens is not None:
+            _check_overlap(self.chunk_overlap, self.chunk_tokens)
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, object]) -> ChunkOptions:
@@ -184,9 +191,13 @@ class _Tokens:
         self.pos = end
         prev_end, fence, floor = self.prev_end, self.fence, self.floor
         starts, strengths = self.starts, self.strengths
-        prev_word = None
+        prev_word, prev_start = None, -1
         for (rel_start, rel_end), word in zip(enc.offsets, enc.word_ids, strict=True):
             a = rel_start + pos
+            if a <= prev_start:  # bytes of one character (byte-level BPE): one unit
+                prev_end = max(prev_end, rel_end + pos)
+                continue
+            prev_start = a
             if prev_end < 0:  # the first token: the start of the text is a line start
                 newlines, prev_end = 1, a
             else:
@@ -240,11 +251,7 @@ class Chunker:
                 f"chunk_tokens ({self.chunk_tokens}) must be at most {room}: the model "
                 f"reads {max_tokens} tokens, {self.specials} of them special"
             )
-        if opts.chunk_overlap >= self.chunk_tokens:
-            raise ConfigError(
-                f"chunk_overlap ({opts.chunk_overlap}) must be less than chunk_tokens "
-                f"({self.chunk_tokens})"
-            )
+        _check_overlap(opts.chunk_overlap, self.chunk_tokens)
         self.chunk_overlap = opts.chunk_overlap
         # BERT's pre-tokenizer splits at whitespace and punctuation, and WordPiece reads each
         # word alone: a chunk cut between two words has as many tokens as it had in the text
@@ -255,12 +262,8 @@ class Chunker:
         self.max_chunks = opts.max_chunks
 
     @classmethod
-    def for_model(cls, files: object, options: ChunkOptions | None = None) -> Chunker:
-        """For a resolved model (``autoembed.engine.ModelFiles``, or an ``Embedder.files``)."""
-        from .engine.resolve import ModelFiles
-
-        if not isinstance(files, ModelFiles):
-            raise TypeError(f"expected ModelFiles, not {type(files).__name__}")
+    def for_model(cls, files: ModelFiles, options: ChunkOptions | None = None) -> Chunker:
+        """For a resolved model (``resolve(name)``, or an embedder's ``.files``)."""
         return cls(Tokenizer.from_file(str(files.tokenizer)), files.max_tokens, options)
 
     def count_tokens(self, text: str) -> int:
@@ -357,20 +360,21 @@ class Chunker:
         return lo + split + _latest(late, best)
 
     def _overlap_start(self, toks: _Tokens, s: int, c: int) -> int:
-        """Where the chunk after a cut before token ``c`` starts: at c after a heading;
-        else within the last ``chunk_overlap`` tokens of the chunk before, from its latest
-        heading, else its earliest sentence start, else word start, else token."""
-        if toks.strength(c) <= HEADING:
-            return c
+        """Where the chunk after a cut before token ``c`` starts: at c when that is a
+        heading; else at the earliest sentence start, else word start, else token, of the
+        chunk's last ``chunk_overlap`` tokens (they hold no heading: one in reach is
+        always where the cut falls)."""
         lo = max(s + 1, c - self.chunk_overlap)
-        if lo >= c:
+        if toks.strength(c) <= HEADING or lo >= c:
             return c
         seg = toks.segment(lo, c - 1)
-        headings = [j for j, v in enumerate(seg) if v <= HEADING]
-        if headings:
-            return lo + headings[-1]
-        for level in (SENTENCE, WORD, SYMBOL, TOKEN):
-            j = next((j for j, v in enumerate(seg) if v <= level), None)
-            if j is not None:
-                return lo + j
-        raise AssertionError("unreachable: every strength is at most TOKEN")
+        o = lo + next(
+            j for level in (SENTENCE, WORD, SYMBOL, TOKEN) for j, v in enumerate(seg) if v <= level
+        )
+        # counted again where the text's tokens may differ from the overlap's own
+        end = toks.start(c)
+        while o < c and self._needs_count(toks, o, c):
+            if self.count_tokens(toks.text[toks.start(o) : end]) <= self.chunk_overlap:
+                break
+            o += 1
+        return o

@@ -146,6 +146,48 @@ def build_parser() -> argparse.ArgumentParser:
         help="generation option (max_tokens, temperature, top_k, top_p, "
         "repeat_penalty, repeat_penalty_last_n_token_count, timeout); repeatable",
     )
+    p.add_argument(
+        "--template",
+        metavar="TEMPLATE",
+        help='the text to embed from several columns, e.g. "{title}: {body}"; with --chunk, '
+        '{chunk} places each passage, e.g. "{title}\\n\\n{chunk}"',
+    )
+    p.add_argument(
+        "--chunk",
+        action="store_true",
+        help="cut long texts into passages that fit the model, each with its vector, in a "
+        "table next to this one (<table>_chunks)",
+    )
+    p.add_argument("--chunk-tokens", type=int, metavar="N", help="passage size in model tokens")
+    p.add_argument("--chunk-overlap", type=int, metavar="N", help="tokens shared by neighbours")
+    p.add_argument(
+        "--splitter",
+        choices=["markdown", "paragraph", "sentence", "word"],
+        help="the strongest boundary passages end at (default: markdown headings)",
+    )
+    p.add_argument("--max-chunks", type=int, metavar="N", help="passages per row at most")
+    p.add_argument("--chunk-table", metavar="NAME", help="default: <table>_chunks")
+    p.add_argument(
+        "--metadata-column",
+        metavar="COL",
+        help="a jsonb column the search functions filter on (metadata @> filter)",
+    )
+    p.add_argument(
+        "--language", default="english", help="text search configuration for hybrid search"
+    )
+    p.add_argument(
+        "--storage",
+        choices=["vector", "halfvec"],
+        default="vector",
+        help="halfvec: half the size, for table and index",
+    )
+    p.add_argument(
+        "--index",
+        choices=["auto", "now", "deferred"],
+        default="auto",
+        help="auto: a backfill of more than 10,000 rows is embedded first and indexed once "
+        "(by the worker, CONCURRENTLY); now: index at once; deferred: always after",
+    )
 
     p = add(
         "unwatch", "stop watching a table (keeps the vectors unless --drop-column)", "cmd_unwatch"
@@ -351,22 +393,46 @@ async def cmd_watch(args: argparse.Namespace, settings: Settings) -> int:
     if args.summary_column and not args.llm_model:
         raise ConfigError("--summary-column needs --llm-model (e.g. --llm-model mistral)")
     options = _watch_llm_options(args.llm_option)
+    chunk_options = {
+        "chunk_tokens": args.chunk_tokens,
+        "chunk_overlap": args.chunk_overlap,
+        "splitter": args.splitter,
+        "max_chunks": args.max_chunks,
+        "table": args.chunk_table,
+    }
+    chunking: dict[str, Any] | None = {k: v for k, v in chunk_options.items() if v is not None}
+    if not args.chunk:
+        if chunking:
+            raise ConfigError(
+                "--chunk-tokens, --chunk-overlap, --splitter, --max-chunks and "
+                "--chunk-table go with --chunk"
+            )
+        chunking = None
     async with await _connect(settings) as conn:
         info = await watches.watch(
             conn,
             args.table,
             args.column,
             embedding_column=args.embedding_column,
-            model=args.model or settings.model,
+            model=args.model,
+            default_model=settings.model,
             match_function=args.match_function,
             summary_column=args.summary_column,
             llm_model=args.llm_model,
             llm_prompt=args.prompt,
             llm_options=options,
+            template=args.template,
+            index=args.index,
+            metadata_column=args.metadata_column,
+            language=args.language,
+            storage=args.storage,
+            chunking=chunking,
         )
+    target = info["chunk_table"] or args.embedding_column
     print(
-        f"watching {info['source']}.{args.column} -> {args.embedding_column} "
-        f"(model {info['model']}, vector({info['dim']}))"
+        f"watching {info['source']}.{args.column} -> {target} "
+        f"(model {info['model']}, {args.storage}({info['dim']}))"
+        + (f"; changing to {info['next_model']}" if info["next_model"] else "")
     )
     print(f"search function: {info['match_function']}")
     print(f"{info['queued']} job(s) queued; `autoembed run` embeds them")

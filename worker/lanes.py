@@ -10,6 +10,7 @@ claim charges only the jobs it interrupted.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -18,13 +19,15 @@ from typing import Any
 
 import numpy as np
 
+from .chunking import Chunker, ChunkOptions, text_hash
 from .config import Settings
 from .engine import Embedder
 from .errors import AutoembedError, LLMModelMissing, PromptError
 from .gate import Gate
 from .metrics import Metrics
 from .outcomes import Outcome, classify
-from .queue import Claims, Finished, Job, Queue, Row, Watch, hidden_message
+from .queue import Claims, Finished, Job, Passage, Queue, Row, Watch, hidden_message
+from .templates import fields as template_fields
 from .templates import render
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class Lanes:
         self.lost = lost  # job ids whose lease the heartbeat found gone
         self.finished = finished
         self.llm: Any = None  # LLMClient, created on first use
+        self._chunkers: dict[tuple[str, str], Chunker] = {}
 
     # ------------------------------------------------------------------ ending jobs
 
@@ -178,7 +182,10 @@ class Lanes:
             if watch is None or emb is None or self.stop.is_set():
                 await self.release(batch, jobs)
                 continue
-            await self._embed_watch(batch, watch, emb, jobs)
+            if watch.chunking is not None:
+                await self._chunk_watch(batch, watch, emb, jobs)
+            else:
+                await self._embed_watch(batch, watch, emb, jobs)
 
     async def _embed_watch(
         self, batch: Batch, watch: Watch, emb: Embedder, jobs: list[Job]
@@ -273,6 +280,125 @@ class Lanes:
                 except Exception as exc:
                     bad[job.pk] = f"{type(exc).__name__}: {exc}"
         return good, bad
+
+    # ------------------------------------------------------------------ passages
+
+    def chunker(self, watch: Watch, emb: Embedder) -> Chunker:
+        key = (emb.name, json.dumps(dict(watch.chunking or {}), sort_keys=True))
+        made = self._chunkers.get(key)
+        if made is None:
+            options = ChunkOptions.from_mapping(dict(watch.chunking or {}))
+            made = self._chunkers[key] = Chunker.for_model(emb.files, options)
+        return made
+
+    def _passages(
+        self, watch: Watch, chunker: Chunker, row: Row | None
+    ) -> tuple[list[Passage], list[str], int]:
+        """A row's passages (without vectors yet), the texts to embed for them (the
+        template rendered around each), and how many passages past the cap were dropped."""
+        if row is None or row.vals is None or not (row.vals[0] or "").strip():
+            return [], [], 0
+        text = row.vals[0] or ""
+        fields: dict[str, str] = {}
+        reserved = 0
+        if watch.template:
+            names = [f for f in template_fields(watch.template) if f != "chunk"]
+            fields = {
+                n: ("" if v is None else v) for n, v in zip(names, row.vals[1:], strict=False)
+            }
+            reserved = chunker.template_overhead(watch.template, **fields)
+        cut = chunker.chunk(text, reserved)
+        passages: list[Passage] = []
+        inputs: list[str] = []
+        seen: dict[int, int] = {}
+        for c in cut.chunks:
+            rendered = watch.template.format(chunk=c.text, **fields) if watch.template else c.text
+            digest = text_hash(rendered)
+            seq = seen.get(digest, 0)
+            seen[digest] = seq + 1
+            passages.append(Passage(digest, seq, c.index, c.start, c.end, c.tokens, c.text, None))
+            inputs.append(rendered)
+        return passages, inputs, cut.dropped
+
+    async def _chunk_watch(
+        self, batch: Batch, watch: Watch, emb: Embedder, jobs: list[Job]
+    ) -> None:
+        """Cut each row into passages, embed the passages that are new (a passage already
+        stored, found by its hash, keeps its vector), and store each row's passages as a
+        whole, row by row as their vectors are done."""
+        lane = batch.lane
+        chunker = self.chunker(watch, emb)
+        rows = await self.queue.read(watch, lane, [j.pk for j in jobs], None)
+        jobs = await self.end_rows(batch, watch, jobs, rows)
+        have = await self.queue.chunk_hashes(watch, lane, [j.pk for j in jobs])
+        plans: dict[str, tuple[list[Passage], list[str]]] = {}
+        for job in jobs:
+            passages, inputs, dropped = await asyncio.to_thread(
+                self._passages, watch, chunker, rows.get(job.pk)
+            )
+            if dropped:
+                self.metrics.chunks_dropped.labels(watch.label).inc(dropped)
+                log.warning(
+                    "%s: row %s has %d passages past the cap of %d; they are not embedded",
+                    watch.label,
+                    job.pk,
+                    dropped,
+                    chunker.max_chunks,
+                    extra={"watch": watch.id, "pk": job.pk, "action": "chunks_dropped"},
+                )
+            plans[job.pk] = (passages, inputs)
+        # the passages to embed, rows in order, and which row each belongs to
+        queue: list[tuple[Job, int]] = []
+        for job in jobs:
+            passages, _ = plans[job.pk]
+            for i, p in enumerate(passages):
+                if (job.pk, p.hash, p.seq) not in have:
+                    queue.append((job, i))
+        left = {j.pk: sum(1 for jj, _ in queue if jj.pk == j.pk) for j in jobs}
+        ready = [j for j in jobs if left[j.pk] == 0]  # nothing new: positions, deletions
+        if ready:
+            await self._store_passages(batch, watch, ready, rows, plans)
+        failed: set[str] = set()
+        for start in range(0, len(queue), EMBED_CHUNK):
+            if self.stop.is_set():
+                await self.release(batch, batch.jobs())
+                return
+            part = [(j, i) for j, i in queue[start : start + EMBED_CHUNK] if j.pk not in failed]
+            if not part:
+                continue
+            texts = [plans[j.pk][1][i] for j, i in part]
+            try:
+                async with self.gate.turn(part[0][0].kind == "fresh"):
+                    vectors = await asyncio.to_thread(emb.embed, texts)
+            except Exception as exc:
+                for job in {j.pk: j for j, _ in part}.values():
+                    failed.add(job.pk)
+                    await self.fail(batch, [job], f"{type(exc).__name__}: {exc}", final=False)
+                continue
+            done: list[Job] = []
+            for (job, i), vector in zip(part, vectors, strict=True):
+                plans[job.pk][0][i].vector = vector
+                left[job.pk] -= 1
+                if left[job.pk] == 0:
+                    done.append(job)
+            done = [j for j in done if j.pk not in failed and j.id not in self.lost]
+            if done:  # progressive: rows whose passages are all embedded are stored now
+                await self._store_passages(batch, watch, done, rows, plans)
+
+    async def _store_passages(
+        self,
+        batch: Batch,
+        watch: Watch,
+        jobs: list[Job],
+        rows: dict[str, Row],
+        plans: dict[str, tuple[list[Passage], list[str]]],
+    ) -> None:
+        out = await self.queue.finish_chunks(
+            watch, batch.lane, jobs, rows, {j.pk: plans[j.pk][0] for j in jobs}
+        )
+        new = sum(1 for j in jobs for p in plans[j.pk][0] if p.vector is not None)
+        self.metrics.chunks_written.labels(watch.label).inc(new)
+        await self.settle(batch, watch, jobs, out)
 
     # ------------------------------------------------------------------ summaries
 

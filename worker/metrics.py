@@ -63,6 +63,18 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
             registry=self.registry,
         )
+        self.chunks_written = Counter(
+            "autoembed_chunks_written",
+            "Passages embedded and stored (passages kept as they were are not counted)",
+            ["watch"],
+            registry=self.registry,
+        )
+        self.chunks_dropped = Counter(
+            "autoembed_chunks_dropped",
+            "Passages past the cap of a row (max_chunks), not embedded",
+            ["watch"],
+            registry=self.registry,
+        )
         self.http_requests = Counter(
             "autoembed_http_requests", "HTTP requests", ["path", "status"], registry=self.registry
         )

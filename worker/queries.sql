@@ -15,6 +15,8 @@ SELECT w.id, n.nspname AS schema, c.relname AS table_name, c.relowner::regrole::
        w.next_model, w.next_dim, autoembed._attname(w.source, w.next_attnum) AS next_column,
        w.index_state, autoembed.vector_schema() AS vector_schema,
        w.embedding_attnum, w.next_attnum, w.summary_attnum,
+       w.chunking, w.chunk_table::pg_catalog.text AS chunk_table, w.chunk_table::pg_catalog.oid AS chunk_oid,
+       w.next_chunk_table::pg_catalog.oid AS next_chunk_oid,
        autoembed.watch_problem(w.id) AS problem,
        -- the accessors must still be what autoembed made: definer functions of the owner
        coalesce((SELECT pg_catalog.bool_and(p.prosecdef AND p.proowner = c.relowner)

@@ -55,6 +55,14 @@ class Watch:
     embedding_attnum: int | None = None
     next_attnum: int | None = None
     summary_attnum: int | None = None
+    chunking: Mapping[str, Any] | None = None
+    chunk_table: str | None = None
+    chunk_oid: int | None = None
+    next_chunk_oid: int | None = None
+
+    def chunks_of(self, lane: str) -> int | None:
+        """The chunk table a lane of a chunked watch writes (its oid; the accessors check it)."""
+        return self.next_chunk_oid if lane == "next" else self.chunk_oid
 
     @property
     def table(self) -> sql.Identifier:
@@ -62,6 +70,8 @@ class Watch:
 
     @property
     def label(self) -> str:
+        if self.chunking is not None:
+            return f"{self.schema}.{self.table_name}.{self.content_column} -> {self.chunk_table}"
         return f"{self.schema}.{self.table_name}.{self.embedding_column or self.content_column}"
 
     @property
@@ -148,6 +158,21 @@ class Row:
     hash: int | None
     cut: bool
     state: str  # ok | missing | hidden | invalid: <why>
+
+
+@dataclass
+class Passage:
+    """One passage of a row to store: its place in the text, and its vector if it is new
+    (None: it is kept as stored, found by its hash)."""
+
+    hash: int
+    seq: int
+    index: int
+    start: int
+    end: int
+    tokens: int
+    text: str
+    vector: np.ndarray | None
 
 
 @dataclass
@@ -260,17 +285,7 @@ class Queue:
             return out
         by_pk = {j.pk: j for j in todo}
         async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-            cur = await conn.execute("SELECT autoembed.hold_watch(%s)", (watch.id,))
-            row = await cur.fetchone()
-            if row is None or row[0] != watch.version:
-                raise WatchChanged(
-                    f"{watch.label} changed (model, template or columns) after these rows "
-                    "were read: not writing them"
-                )
-            ours = await self._fence(conn, todo)
-            out.lost = [j.pk for j in todo if j.id not in ours]
-            mine = [j.pk for j in todo if j.id in ours]
+            mine = await self._begin_write(conn, watch, todo, out)
             if not mine:
                 return out
             values = [results[p] for p in mine]
@@ -289,30 +304,126 @@ class Queue:
                 ),
                 (lane, watch.target_of(lane), mine, [rows[p].hash for p in mine], vectors, texts),
             )
-            for pk, outcome, error in await cur.fetchall():
-                if outcome == "written":
-                    out.written.append(pk)
-                elif outcome == "missing":
-                    out.missing.append(pk)
-                elif outcome == "stale":
-                    out.stale.append(pk)
-                elif outcome == "busy":
-                    out.busy.append(pk)
-                elif outcome == "hidden":
-                    out.failed[pk] = hidden_message(watch)
-                else:
-                    out.failed[pk] = error or outcome
-            finished = [by_pk[p] for p in out.written + out.missing]
-            if finished:
-                await conn.execute(q("complete"), {"ids": [j.id for j in finished]})
-                await conn.execute(
-                    q("record_throughput"),
-                    {"watches": [watch.id], "lanes": [lane], "rows": [len(finished)]},
-                )
-            # the row changed (and is, or will be, queued again) or is locked: pending again
-            await self._release(conn, [by_pk[p] for p in out.stale], 0.0)
-            await self._release(conn, [by_pk[p] for p in out.busy], 1.0)
+            await self._settle_outcomes(conn, watch, lane, by_pk, await cur.fetchall(), out)
         return out
+
+    async def chunk_hashes(
+        self, watch: Watch, lane: str, pks: Sequence[str]
+    ) -> set[tuple[str, int, int]]:
+        """The passages these rows have now: (key, hash, seq)."""
+        query = sql.SQL("SELECT pk, chunk_hash, seq FROM {}(%s, %s)").format(
+            _accessor(watch.id, "chunks")
+        )
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query, (watch.chunks_of(lane), list(pks)))
+            return {(r[0], r[1], r[2]) for r in await cur.fetchall()}
+
+    async def finish_chunks(
+        self,
+        watch: Watch,
+        lane: str,
+        jobs: Sequence[Job],
+        rows: Mapping[str, Row],
+        passages: Mapping[str, Sequence[Passage]],
+    ) -> Finished:
+        """Store each row's passages as a whole (new ones with their vectors, kept ones by
+        their hash), in one short transaction, with the same guards as ``finish``."""
+        out = Finished()
+        todo = [j for j in jobs if j.pk in passages]
+        if not todo:
+            return out
+        by_pk = {j.pk: j for j in todo}
+        async with self.pool.connection() as conn, conn.transaction():
+            mine = await self._begin_write(conn, watch, todo, out)
+            if not mine:
+                return out
+            cols: dict[str, list[Any]] = {
+                k: [] for k in ("pk", "hash", "seq", "idx", "s", "e", "tok", "txt", "vec")
+            }
+            for pk in mine:
+                for p in passages[pk]:
+                    cols["pk"].append(pk)
+                    cols["hash"].append(p.hash)
+                    cols["seq"].append(p.seq)
+                    cols["idx"].append(p.index)
+                    cols["s"].append(p.start)
+                    cols["e"].append(p.end)
+                    cols["tok"].append(p.tokens)
+                    cols["txt"].append(p.text)
+                    cols["vec"].append(p.vector)
+            vectors = cols["vec"] if any(v is not None for v in cols["vec"]) else None
+            cur = await conn.execute(
+                sql.SQL(
+                    "SELECT pk, outcome, error FROM {}(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+                    "%s, %b::{}[])"
+                ).format(_accessor(watch.id, "put"), sql.Identifier(watch.vector_schema, "vector")),
+                (
+                    watch.chunks_of(lane),
+                    mine,
+                    [rows[p].hash for p in mine],
+                    cols["pk"],
+                    cols["hash"],
+                    cols["seq"],
+                    cols["idx"],
+                    cols["s"],
+                    cols["e"],
+                    cols["tok"],
+                    cols["txt"],
+                    vectors,
+                ),
+            )
+            await self._settle_outcomes(conn, watch, lane, by_pk, await cur.fetchall(), out)
+        return out
+
+    async def _begin_write(
+        self, conn: AsyncConnection[Any], watch: Watch, todo: Sequence[Job], out: Finished
+    ) -> list[str]:
+        """The start of a write: the lock timeout, the watch still at its version, the jobs
+        still leased to their claims (the others are ``lost``); returns their keys."""
+        await conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+        cur = await conn.execute("SELECT autoembed.hold_watch(%s)", (watch.id,))
+        row = await cur.fetchone()
+        if row is None or row[0] != watch.version:
+            raise WatchChanged(
+                f"{watch.label} changed (model, template or columns) after these rows "
+                "were read: not writing them"
+            )
+        ours = await self._fence(conn, todo)
+        out.lost = [j.pk for j in todo if j.id not in ours]
+        return [j.pk for j in todo if j.id in ours]
+
+    async def _settle_outcomes(  # noqa: PLR0917 - a private step of the two finishes
+        self,
+        conn: AsyncConnection[Any],
+        watch: Watch,
+        lane: str,
+        by_pk: Mapping[str, Job],
+        results: Sequence[tuple[Any, ...]],
+        out: Finished,
+    ) -> None:
+        for pk, outcome, error in results:
+            if outcome == "written":
+                out.written.append(pk)
+            elif outcome == "missing":
+                out.missing.append(pk)
+            elif outcome == "stale":
+                out.stale.append(pk)
+            elif outcome == "busy":
+                out.busy.append(pk)
+            elif outcome == "hidden":
+                out.failed[pk] = hidden_message(watch)
+            else:
+                out.failed[pk] = error or outcome
+        finished = [by_pk[p] for p in out.written + out.missing]
+        if finished:
+            await conn.execute(q("complete"), {"ids": [j.id for j in finished]})
+            await conn.execute(
+                q("record_throughput"),
+                {"watches": [watch.id], "lanes": [lane], "rows": [len(finished)]},
+            )
+        # the row changed (and is, or will be, queued again) or is locked: pending again
+        await self._release(conn, [by_pk[p] for p in out.stale], 0.0)
+        await self._release(conn, [by_pk[p] for p in out.busy], 1.0)
 
     async def _fence(self, conn: AsyncConnection[Any], jobs: Sequence[Job]) -> set[int]:
         """Lock the jobs still leased to their claims (skipping any another transaction

@@ -57,7 +57,7 @@ async def watch(
     column: str,
     *,
     embedding_column: str = "embedding",
-    model: str = "gte-small",
+    model: str | None = "gte-small",
     match_function: str | None = None,
     summary_column: str | None = None,
     llm_model: str | None = None,
@@ -68,18 +68,30 @@ async def watch(
     metadata_column: str | None = None,
     language: str = "english",
     storage: str = "vector",
+    chunking: Mapping[str, Any] | None = None,
+    default_model: str = "gte-small",
 ) -> dict[str, Any]:
     """Watch a table (one transaction: a refused watch leaves nothing behind, a model
-    directory it would have registered included)."""
+    directory it would have registered included). ``model=None``: the watch's own model
+    when it exists (re-pointing a watch keeps it), else ``default_model``."""
     try:
         async with conn.transaction():
+            if model is None:
+                cur = await conn.execute(
+                    "SELECT x.model FROM autoembed.watches x WHERE x.source = %s::regclass "
+                    "AND (autoembed._attname(x.source, x.embedding_attnum) = %s "
+                    "OR (x.chunk_table IS NOT NULL AND %s))",
+                    (table, embedding_column, chunking is not None),
+                )
+                found = await cur.fetchone()
+                model = found[0] if found else default_model
             key = await ensure_model(conn, model)
             cur = await conn.execute(
                 "SELECT autoembed.watch(source => %s::regclass, content_column => %s, "
                 "embedding_column => %s, model => %s, match_function => %s, "
                 "summary_column => %s, llm_model => %s, llm_prompt => %s, "
                 "llm_options => %s::jsonb, template => %s, index => %s, "
-                "metadata_column => %s, language => %s, storage => %s)",
+                "metadata_column => %s, language => %s, storage => %s, chunking => %s::jsonb)",
                 (
                     table,
                     column,
@@ -95,6 +107,7 @@ async def watch(
                     metadata_column,
                     language,
                     storage,
+                    None if chunking is None else json.dumps(dict(chunking)),
                 ),
             )
             row = await cur.fetchone()
@@ -104,6 +117,7 @@ async def watch(
                 conn,
                 "SELECT w.id, w.source::text AS source, w.model, w.dim, w.next_model, "
                 "w.match_function::text AS match_function, w.index_state, "
+                "w.chunk_table::text AS chunk_table, "
                 "(SELECT count(*) FROM autoembed.jobs j WHERE j.watch_id = w.id) AS queued "
                 "FROM autoembed.watches w WHERE w.id = %s",
                 (watch_id,),
@@ -163,7 +177,8 @@ async def find_watch(
         rows = await fetch_dicts(
             conn,
             "SELECT w.id, w.model, w.dim, "
-            "autoembed._attname(w.source, w.embedding_attnum) AS embedding_column, "
+            "coalesce(autoembed._attname(w.source, w.embedding_attnum), "
+            "(SELECT relname FROM pg_class WHERE oid = w.chunk_table)) AS embedding_column, "
             "autoembed._attname(w.source, w.content_attnum) AS content_column, "
             "autoembed._attname(w.source, w.pk_attnum) AS pk_column, "
             "n.nspname AS fn_schema, p.proname AS fn_name, "
@@ -173,9 +188,10 @@ async def find_watch(
             "LEFT JOIN pg_proc p ON p.oid = w.match_function::oid "
             "LEFT JOIN pg_namespace n ON n.oid = p.pronamespace "
             "WHERE w.source = %s::regclass "
-            "AND (%s::name IS NULL OR autoembed._attname(w.source, w.embedding_attnum) = %s) "
+            "AND (%s::name IS NULL OR autoembed._attname(w.source, w.embedding_attnum) = %s "
+            "     OR (SELECT relname FROM pg_class WHERE oid = w.chunk_table) = %s) "
             "ORDER BY w.id",
-            (table, embedding_column, embedding_column),
+            (table, embedding_column, embedding_column, embedding_column),
         )
     except psycopg.Error as exc:
         raise WatchError(f"cannot find {table}: {describe(exc)}") from exc
@@ -183,7 +199,10 @@ async def find_watch(
         raise WatchError(f"{table} is not watched: autoembed watch {table} --column COLUMN")
     if len(rows) > 1:
         cols = ", ".join(r["embedding_column"] for r in rows)
-        raise WatchError(f"{table} has several watches ({cols}): pass --embedding-column")
+        raise WatchError(
+            f"{table} has several watches ({cols}): pass --embedding-column (the vector "
+            "column, or the chunk table of a chunked watch)"
+        )
     return rows[0]
 
 

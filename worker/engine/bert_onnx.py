@@ -8,7 +8,11 @@ Two forms:
 * ``fused=True`` (what the engine runs): ONNX Runtime's contrib kernels ``Attention``,
   ``SkipLayerNormalization`` and ``BiasGelu`` (domain ``com.microsoft``), one kernel per
   block instead of a dozen small ones. The arithmetic is the same as the plain form; the
-  tests check the vectors against sentence-transformers' to a cosine of 0.9999.
+  tests check the vectors against sentence-transformers' to a cosine of 0.9999. Attention
+  gets the mask as one length per text (``mask="lengths"``, what ONNX Runtime's own BERT
+  optimizer emits): on CUDA that selects the fused fp16 attention kernels, where a 2-D mask
+  (``mask="raw"``) materialises every head's scores. Lengths need right-padded rows (ones,
+  then zeros), which is what the engine's ``pad`` makes.
 * ``fused=False``: standard ONNX operators only, the shape of a PyTorch export (what
   ``onnx/model.onnx`` of Supabase/gte-small looks like). Used to build test fixtures for the
   ONNX-directory path and as a cross-check of the fused form.
@@ -21,7 +25,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -31,6 +35,37 @@ from ..errors import ModelError
 
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
+
+#: what the builder builds: BERT, positions 0..n-1 (all-MiniLM, gte, bge, e5 are these)
+BUILDABLE_TYPES = ("bert",)
+#: encoders that share BERT's weight names but not its arithmetic, and why
+REFUSED_TYPES = {
+    "roberta": "RoBERTa counts position ids from padding_idx + 1, not 0",
+    "xlm-roberta": "XLM-RoBERTa counts position ids from padding_idx + 1, not 0",
+    "camembert": "CamemBERT (RoBERTa) counts position ids from padding_idx + 1, not 0",
+    "distilbert": "DistilBERT has other weight names and no token types",
+    "mpnet": "MPNet uses relative position buckets",
+    "deberta": "DeBERTa uses disentangled relative attention",
+    "deberta-v2": "DeBERTa uses disentangled relative attention",
+    "electra": "ELECTRA may project its embeddings to another width",
+    "nomic_bert": "nomic-bert uses rotary positions and SwiGLU",
+}
+ACTIVATIONS = {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu"}
+
+
+def _model_type(raw: Mapping[str, object]) -> str:
+    """``model_type``, or for an old config without one, what ``architectures`` says."""
+    if "model_type" in raw:
+        return str(raw["model_type"]).lower()
+    archs = raw.get("architectures")
+    if isinstance(archs, list) and archs:
+        name = str(archs[0]).lower()
+        for t in sorted(REFUSED_TYPES, key=len, reverse=True):
+            if name.startswith(t.replace("-", "")):
+                return t
+        if not name.startswith("bert"):
+            return name
+    return "bert"
 
 
 @dataclass(frozen=True)
@@ -46,6 +81,9 @@ class BertConfig:
     type_vocab_size: int
     layer_norm_eps: float
     hidden_act: str
+    model_type: str = "bert"
+    position_embedding_type: str = "absolute"
+    source: str = "config"
 
     @classmethod
     def from_file(cls, path: Path) -> BertConfig:
@@ -57,18 +95,8 @@ class BertConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, object], source: str = "config") -> BertConfig:
-        model_type = str(raw.get("model_type", "bert"))
-        if model_type not in {"bert", "roberta", "xlm-roberta"}:
-            raise ModelError(
-                f"{source}: model_type {model_type!r} is not a BERT-family encoder; "
-                "export it to ONNX and put it at onnx/model.onnx instead"
-            )
-        pos = raw.get("position_embedding_type", "absolute")
-        if pos != "absolute":
-            raise ModelError(f"{source}: position_embedding_type {pos!r} is not supported")
-        act = str(raw.get("hidden_act", "gelu"))
-        if act not in {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu"}:
-            raise ModelError(f"{source}: hidden_act {act!r} is not supported")
+        """The encoder's shape from a config. Whether the graph builder can build it is a
+        separate question: see :meth:`check_buildable`."""
         try:
             return cls(
                 hidden_size=int(raw["hidden_size"]),  # type: ignore[call-overload]
@@ -79,10 +107,48 @@ class BertConfig:
                 max_position_embeddings=int(raw.get("max_position_embeddings", 512)),  # type: ignore[call-overload]
                 type_vocab_size=int(raw.get("type_vocab_size", 2)),  # type: ignore[call-overload]
                 layer_norm_eps=float(raw.get("layer_norm_eps", 1e-12)),  # type: ignore[arg-type]
-                hidden_act=act,
+                hidden_act=str(raw.get("hidden_act", "gelu")),
+                model_type=_model_type(raw),
+                position_embedding_type=str(raw.get("position_embedding_type", "absolute")),
+                source=source,
             )
         except KeyError as exc:
             raise ModelError(f"{source}: missing {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"{source}: {exc}") from exc
+
+    def check_buildable(self) -> None:
+        """Raise :class:`ModelError` unless the graph builder computes exactly what this
+        model computes: a BERT encoder (``model_type`` ``bert``) with absolute positions
+        counted from 0 and a GELU or ReLU feed-forward.
+
+        RoBERTa and XLM-RoBERTa look the same weight for weight but count positions from
+        ``padding_idx + 1``, so the builder would embed them wrongly (cosine 0.61 to the
+        reference was seen): they are refused, with what to do instead."""
+        where = f"{self.source}: "
+        if self.model_type in REFUSED_TYPES:
+            raise ModelError(
+                f"{where}model_type {self.model_type!r} is not supported by the safetensors "
+                f"graph builder: {REFUSED_TYPES[self.model_type]}. It builds "
+                f"{', '.join(BUILDABLE_TYPES)} only; for this model, export it to ONNX "
+                "(onnx/model.onnx in the model directory, as optimum or torch.onnx write it)"
+            )
+        if self.model_type not in BUILDABLE_TYPES:
+            raise ModelError(
+                f"{where}model_type {self.model_type!r} is not a BERT encoder: the safetensors "
+                f"graph builder builds {', '.join(BUILDABLE_TYPES)} only; export the model "
+                "to ONNX (onnx/model.onnx in the model directory) instead"
+            )
+        if self.position_embedding_type != "absolute":
+            raise ModelError(
+                f"{where}position_embedding_type {self.position_embedding_type!r} is not "
+                "supported by the graph builder (absolute only); export the model to ONNX"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ModelError(
+                f"{where}hidden_act {self.hidden_act!r} is not supported by the graph builder "
+                f"({', '.join(sorted(ACTIVATIONS))}); export the model to ONNX"
+            )
 
     def flops_per_token(self, seq_len: float) -> float:
         """Multiply-adds x 2 of one token through the encoder at a given sequence length."""
@@ -322,17 +388,26 @@ def _fused_layer(g: _Graph, cfg: BertConfig, x: str, mask: str, n: int) -> str:
 
 
 def build_bert(
-    cfg: BertConfig, weights: Mapping[str, np.ndarray], *, fused: bool = True
+    cfg: BertConfig,
+    weights: Mapping[str, np.ndarray],
+    *,
+    fused: bool = True,
+    mask: Literal["lengths", "raw"] = "lengths",
 ) -> onnx.ModelProto:
-    """The ONNX model of a BERT encoder with these weights."""
+    """The ONNX model of a BERT encoder with these weights (a :class:`ModelError` for a
+    config it cannot build exactly: see :meth:`BertConfig.check_buildable`)."""
+    cfg.check_buildable()
     if cfg.hidden_size % cfg.num_attention_heads:
         raise ModelError("hidden_size is not a multiple of num_attention_heads")
     g = _Graph(weights)
     x = _embeddings(g, cfg)
     if fused:
-        mask = g.op("Cast", ["attention_mask"], to=TensorProto.INT32)
+        mask_in = g.op("Cast", ["attention_mask"], to=TensorProto.INT32)
+        if mask == "lengths":  # (batch,) int32: tokens per row, the rows right-padded
+            axis = g.const("c.axis1", np.array([1], np.int64))
+            mask_in = g.op("ReduceSum", [mask_in, axis], keepdims=0)
         for n in range(cfg.num_hidden_layers):
-            x = _fused_layer(g, cfg, x, mask, n)
+            x = _fused_layer(g, cfg, x, mask_in, n)
     else:
         # (1 - mask) * -10000, shaped (batch, 1, 1, seq) to broadcast over heads and queries
         m = g.op("Cast", ["attention_mask"], to=TensorProto.FLOAT)

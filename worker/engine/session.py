@@ -7,6 +7,7 @@ so a changed weights file gets a new graph and an unchanged one is never rebuilt
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "int8", "fp16"]
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: attention mask as lengths (fused CUDA attention)
 POOLED = {"mean": "autoembed_mean", "cls": "autoembed_cls"}
 
 
@@ -122,6 +123,16 @@ def _fuse_onnx(files: ModelFiles, source: Path, dest: Path) -> Path:
     if marker.is_file():
         return source
     used = source
+    if importlib.util.find_spec("sympy") is None:
+        # onnxruntime's fusions need its symbolic shape inference, which needs sympy (an
+        # optional extra of recent onnxruntime); without it they fail halfway, leaking a
+        # temporary directory. No marker: installing sympy later gets the fused graph.
+        log.warning(
+            "graph fusion skipped for %s: it needs sympy (pip install sympy); "
+            "the unfused graph gives the same vectors, more slowly",
+            source,
+        )
+        return source
     try:
         from onnxruntime.transformers.optimizer import optimize_model
 
@@ -251,6 +262,11 @@ def prepare_graph(files: ModelFiles, precision: Precision, cache: Path) -> Path:
     model's graph (built from safetensors, or as given, fused where that changes nothing),
     quantized or halved as asked, with pooling appended."""
     source = files.weights
+    cfg: BertConfig | None = None
+    if files.onnx is None:
+        assert files.config is not None  # inspect() requires it with safetensors
+        cfg = BertConfig.from_file(files.config)
+        cfg.check_buildable()  # before any cached graph is looked at or weights are read
     key = f"{file_sha256(source)[:24]}-v{BUILDER_VERSION}"
     folder = cache / "graphs" / key
     if files.onnx is not None:
@@ -258,9 +274,8 @@ def prepare_graph(files: ModelFiles, precision: Precision, cache: Path) -> Path:
     else:
         fp32 = folder / "fp32.onnx"
         if not fp32.is_file():
-            assert files.config is not None  # inspect() requires it with safetensors
+            assert cfg is not None
             log.info("building an ONNX graph from %s", source)
-            cfg = BertConfig.from_file(files.config)
             _save_atomic(build_bert(cfg, load_safetensors(source), fused=True), fp32)
     if precision == "int8":
         graph = _quantize_int8(fp32, folder / "int8.onnx")

@@ -7,6 +7,7 @@ batch is padded to its own longest text) and truncation at the model's real limi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,14 +68,22 @@ def token_budget_batches(
 
 
 def pad(
-    ids: list[list[int]], index: np.ndarray, lengths: np.ndarray
+    ids: list[list[int]], index: np.ndarray, lengths: np.ndarray, multiple: int = 1, cap: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``input_ids`` and ``attention_mask`` (int64) for the texts at ``index``."""
-    width = int(lengths[index].max()) if len(index) else 0
+    """``input_ids`` and ``attention_mask`` (int64) for the texts at ``index``, each row
+    right-padded with zeros to the longest of them (the graph reads the mask as lengths),
+    rounded up to a ``multiple`` of tokens but not past ``cap`` (when given): on a GPU, few
+    distinct shapes are set up once and then reused."""
+    lens = lengths[index]
+    width = int(lens.max()) if len(index) else 0
+    if multiple > 1 and width:
+        width = -(-width // multiple) * multiple
+        if cap:
+            width = max(min(width, cap), int(lens.max()))
+    mask = np.arange(width) < lens[:, None]
     input_ids = np.zeros((len(index), width), dtype=np.int64)
-    mask = np.zeros((len(index), width), dtype=np.int64)
-    for row, i in enumerate(index):
-        seq = ids[i]
-        input_ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return input_ids, mask
+    # boolean assignment fills row by row, left to right: the order the ids are chained in
+    input_ids[mask] = np.fromiter(
+        itertools.chain.from_iterable(ids[i] for i in index), dtype=np.int64, count=int(lens.sum())
+    )
+    return input_ids, mask.astype(np.int64)

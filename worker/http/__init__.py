@@ -18,8 +18,10 @@ OpenAI's clients expect; ``usage`` counts the tokens actually embedded).
 
 Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "code", "param"}}``,
 on every endpoint: 400 not JSON or empty input, 401 no or wrong Bearer token, 404 unknown
-model or unwatched table, 413 body or input list too large, 422 a field of the wrong type
-or value (``param`` names it), 503 database unavailable.
+model or unwatched table, 413 body or input list too large, 415 a body not declared
+``application/json``, 422 a field of the wrong type or value (``param`` names it), 400 a
+foreign ``Host`` and 403 a foreign ``Origin`` (hosts.py), 408 a request not sent in time and
+503 too many connections (connections.py), 503 database unavailable (with Retry-After).
 
 Why Starlette + uvicorn: a small, well-kept ASGI stack (both already dependencies) that
 gives routing, streaming request bodies (so the size limit holds while reading) and a
@@ -30,15 +32,18 @@ from __future__ import annotations
 
 from .app import create_app
 from .common import TRUNCATED_HEADER, HTTPError, Service
-from .server import HttpServer, bind, listen_address, serve, serve_with_worker
+from .connections import Limits
+from .server import HttpServer, bind, limits_of, listen_address, serve, serve_with_worker
 
 __all__ = [
     "TRUNCATED_HEADER",
     "HTTPError",
     "HttpServer",
+    "Limits",
     "Service",
     "bind",
     "create_app",
+    "limits_of",
     "listen_address",
     "serve",
     "serve_with_worker",

@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from psycopg_pool import AsyncConnectionPool
@@ -27,7 +27,9 @@ from ..metrics import Metrics
 if TYPE_CHECKING:
     from ..runner import Worker
 from .common import PATHS, HTTPError, Service
-from .routes import embed_openai, embed_supabase, healthz, metrics_page, webhook
+from .hosts import HostGuard, HostPolicy
+from .routes import embed_openai, embed_supabase, healthz, metrics_page
+from .webhook import webhook
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,20 @@ class _BatchingCollector(Collector):
             calls.add_metric([batcher.embedder.name], batcher.calls)
         yield requests
         yield calls
+        guard = self.service.connections
+        if guard is not None:  # served by HttpServer: its connection limits
+            closed = CounterMetricFamily(
+                "autoembed_http_connections_closed",
+                "HTTP connections the server closed: header_timeout, body_timeout, evicted "
+                "(the oldest unfinished one, at the connection limit), refused (all busy)",
+                labels=["reason"],
+            )
+            for reason in ("header_timeout", "body_timeout", "evicted", "refused"):
+                closed.add_metric([reason], guard.closed[reason])
+            yield closed
+            yield GaugeMetricFamily(
+                "autoembed_http_open_connections", "Open HTTP connections", len(guard.open)
+            )
 
 
 class _CountRequests:
@@ -111,7 +127,9 @@ def create_app(
 ) -> Starlette:
     """The ASGI app. With ``worker``, its pool, metrics, engine lock and models are shared
     (and /healthz also checks its listener); otherwise ``pool`` (optional: only /webhook
-    needs a database) and fresh metrics and lock."""
+    needs a database) and fresh metrics and lock. ConfigError for Host/Origin settings
+    that are not valid (see hosts.py)."""
+    policy = HostPolicy.from_settings(settings)
     if worker is not None:
         pool = pool or worker.pool
         metrics = metrics or worker.metrics
@@ -152,7 +170,10 @@ def create_app(
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
         ],
-        middleware=[Middleware(_CountRequests, metrics=metrics)],
+        middleware=[
+            Middleware(_CountRequests, metrics=metrics),
+            Middleware(HostGuard, policy=policy),
+        ],
         exception_handlers=handlers,
         lifespan=lifespan,
     )

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -24,14 +24,15 @@ from ..metrics import Metrics
 
 if TYPE_CHECKING:
     from ..runner import Worker
+    from .connections import ConnectionGuard
 
 log = logging.getLogger(__name__)
 
 TRUNCATED_HEADER = "X-Autoembed-Truncated"
 PATHS = ("/webhook", "/embed", "/v1/embeddings", "/healthz", "/metrics")
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
-INT_TYPES = {"smallint", "integer", "bigint"}
 MISSING = object()
+OUTAGE_STATES = frozenset({"57P01", "57P02", "57P03"})  # admin / crash shutdown, cannot connect
 
 
 class HTTPError(AutoembedError):
@@ -75,6 +76,7 @@ class Service:
         self.embedders = embedders  # live: a worker loads models for its watches
         self.batchers: dict[int, Batcher] = {}
         self.requested_name = settings.model
+        self.connections: ConnectionGuard | None = None  # set by the server that runs the app
 
     def model(self, name: str | None) -> Embedder:
         """The loaded model called ``name`` (its name, a registry alias or the path it was
@@ -121,9 +123,37 @@ class Service:
 # ---------------------------------------------------------------------------- request parsing
 
 
+def _is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot be reached (worth retrying soon), rather
+    than that it refused this statement."""
+    # lead: replace with autoembed.outcomes.is_outage
+    if isinstance(exc, PoolTimeout | psycopg.InterfaceError):
+        return True
+    if isinstance(exc, psycopg.Error):
+        state = exc.sqlstate
+        if state is None:  # raised by the driver: the connection failed or was lost
+            return isinstance(exc, psycopg.OperationalError)
+        return state.startswith("08") or state in OUTAGE_STATES
+    return isinstance(exc, OSError)
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON: the one type a web page cannot send to
+    another site without a CORS preflight (which this server does not answer)."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    structured = media.startswith("application/") and media.endswith("+json")
+    if media != "application/json" and not structured:
+        raise HTTPError(
+            415,
+            f"the body must be sent as Content-Type: application/json, not {media or 'none'}",
+            code="unsupported_media_type",
+        )
+
+
 async def read_json(request: Request, limit: int, **loads: Any) -> Any:
-    """The body as JSON, refused with 413 as soon as it passes ``limit`` bytes (whatever
-    Content-Length said, or without one)."""
+    """The body as JSON (declared so: see ``require_json``), refused with 413 as soon as it
+    passes ``limit`` bytes (whatever Content-Length said, or without one)."""
+    require_json(request)
     declared = request.headers.get("content-length", "")
     too_big = HTTPError(413, f"request body is larger than {limit} bytes", code="body_too_large")
     if declared.isdigit() and int(declared) > limit:

@@ -1,4 +1,4 @@
-"""The endpoints: /embed, /v1/embeddings, /webhook, /healthz, /metrics."""
+"""The endpoints: /embed, /v1/embeddings, /healthz, /metrics (/webhook: see webhook.py)."""
 
 from __future__ import annotations
 
@@ -8,25 +8,17 @@ import contextlib
 import json
 import logging
 from collections.abc import Mapping
-from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 from prometheus_client import CONTENT_TYPE_LATEST
-from psycopg import sql
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..db import describe, fetch_dicts, q
 from ..engine import Embedding
-from ..queue import Watch
-
-if TYPE_CHECKING:
-    pass
 from .common import (
     DB_ERRORS,
-    INT_TYPES,
-    MISSING,
     TRUNCATED_HEADER,
     HTTPError,
     Service,
@@ -121,130 +113,6 @@ async def embed_openai(request: Request) -> Response:
     return await _json(payload, result, len(texts) > 16)
 
 
-# ---------------------------------------------------------------------------- webhook
-
-
-async def webhook(request: Request) -> Response:
-    service: Service = request.app.state.service
-    authorize(request, service.settings.api_key)
-    # decimals kept as written: a numeric key 1.50 must stay "1.50", as ::text gives it
-    body = json_object(
-        await read_json(request, service.settings.max_body_bytes, parse_float=Decimal)
-    )
-    op = body.get("type")
-    if op not in ("INSERT", "UPDATE", "DELETE"):
-        raise HTTPError(
-            422, "type must be INSERT, UPDATE or DELETE", code="invalid_value", param="type"
-        )
-    schema, table = body.get("schema", "public"), body.get("table")
-    for key, value in (("schema", schema), ("table", table)):
-        if not isinstance(value, str) or not value:
-            raise HTTPError(
-                422, f"{key} must be a non-empty string", code="invalid_type", param=key
-            )
-    row_key = "old_record" if op == "DELETE" else "record"
-    row, old = body.get(row_key), body.get("old_record")
-    if not isinstance(row, dict):
-        raise HTTPError(
-            422, f"{op} needs {row_key} (an object)", code="invalid_type", param=row_key
-        )
-    if old is not None and not isinstance(old, dict):
-        raise HTTPError(
-            422, "old_record must be an object or null", code="invalid_type", param="old_record"
-        )
-    if service.pool is None:
-        raise HTTPError(
-            503,
-            "no database configured: set DATABASE_URL to accept webhooks",
-            code="no_database",
-            kind="server_error",
-        )
-    try:
-        async with service.pool.connection() as conn:
-            watches = [
-                Watch(**r)
-                for r in await fetch_dicts(conn, q("watches"))
-                if r["schema"] == schema and r["table_name"] == table
-            ]
-            if not watches:
-                raise HTTPError(
-                    404,
-                    f"table {schema}.{table} is not watched "
-                    f"(autoembed watch {schema}.{table} --column COLUMN)",
-                    code="table_not_watched",
-                    param="table",
-                )
-            keys = [await _pk_text(conn, w, row, row_key) for w in watches]
-            queued = dropped = 0
-            async with conn.transaction():
-                for w, pk in zip(watches, keys, strict=True):
-                    if op == "DELETE":
-                        cur = await conn.execute(q("drop_jobs"), {"watch": w.id, "pks": [pk]})
-                        dropped += max(cur.rowcount, 0)
-                    elif _changed(op, w, row, old):
-                        cur = await conn.execute(q("enqueue"), {"watch": w.id, "pks": [pk]})
-                        row = await cur.fetchone()
-                        queued += int(row[0]) if row else 0
-    except psycopg.errors.UndefinedTable as exc:
-        raise HTTPError(
-            503,
-            "the autoembed schema is missing: run `autoembed migrate`",
-            code="no_schema",
-            kind="server_error",
-        ) from exc
-    except DB_ERRORS as exc:
-        raise HTTPError(
-            503,
-            f"database unavailable: {describe(exc)}",
-            code="database_unavailable",
-            kind="server_error",
-            headers={"Retry-After": "1"},
-        ) from exc
-    return JSONResponse({"table": f"{schema}.{table}", "queued": queued, "dropped": dropped}, 202)
-
-
-async def _pk_text(
-    conn: psycopg.AsyncConnection[Any], watch: Watch, row: Mapping[str, Any], where: str
-) -> str:
-    """The row's key as ``pk::text`` gives it (the form the queue stores)."""
-    param = f"{where}.{watch.pk_column}"
-    value = row.get(watch.pk_column)
-    if value is None or isinstance(value, dict | list):
-        raise HTTPError(
-            422, f"{param} must hold the row's primary key value", code="invalid_value", param=param
-        )
-    text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-    if isinstance(value, int) and not isinstance(value, bool) and watch.pk_type in INT_TYPES:
-        return text
-    if isinstance(value, str) and watch.pk_type in ("text", "character varying"):
-        return text
-    # anything else (uuid, numeric, varchar(n), dates...): PostgreSQL's own cast and text form
-    # pk_type comes from format_type() in the catalog (as in Watch.pk_array)
-    query = sql.SQL("SELECT %s::{}::text").format(sql.SQL(watch.pk_type))
-    try:
-        cur = await conn.execute(query, (text,))
-        found = await cur.fetchone()
-    except psycopg.DataError as exc:
-        raise HTTPError(
-            422, f"{param}: {describe(exc)}", code="invalid_value", param=param
-        ) from None
-    assert found is not None
-    return str(found[0])
-
-
-def _changed(op: str, watch: Watch, row: Mapping[str, Any], old: Mapping[str, Any] | None) -> bool:
-    """Whether the triggers would queue this change: an INSERT with text, an UPDATE whose
-    text (or key) changed. Where the payload cannot tell, queue: the worker reads the row."""
-    new = row.get(watch.content_column, MISSING)
-    if op == "INSERT":
-        return new is not None
-    if old is None or new is MISSING or watch.content_column not in old:
-        return True
-    return bool(
-        old.get(watch.pk_column) != row.get(watch.pk_column) or old[watch.content_column] != new
-    )
-
-
 # ---------------------------------------------------------------------------- health, metrics
 
 
@@ -264,7 +132,7 @@ async def healthz(request: Request) -> Response:
                 async with service.pool.connection(timeout=3.0) as conn:
                     await conn.execute("SELECT 1")
             checks["database"] = {"ok": True}
-        except (*DB_ERRORS, TimeoutError) as exc:
+        except (*DB_ERRORS, psycopg.Error, TimeoutError) as exc:
             checks["database"] = {"ok": False, "error": describe(exc)}
     if worker is not None:
         checks["listener"] = {"ok": worker.listener.alive}

@@ -25,6 +25,9 @@ from ..errors import AutoembedError, ConfigError, ModelError
 if TYPE_CHECKING:
     from ..runner import Worker
 from .app import create_app
+from .common import Service
+from .connections import ConnectionGuard, Limits, fd_budget, throttle_accept_errors
+from .hosts import HostPolicy
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +36,10 @@ log = logging.getLogger(__name__)
 
 
 def listen_address(settings: Settings) -> tuple[str, int]:
-    """HOST and PORT of ``settings.http``; without an API key only a loopback address."""
+    """HOST and PORT of ``settings.http``; without an API key only a loopback address.
+    ConfigError for that, and for Host/Origin settings that are not valid (checked here
+    too, so that they fail before a model is loaded)."""
+    HostPolicy.from_settings(settings)
     text = settings.http or "127.0.0.1:8080"
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
@@ -63,9 +69,18 @@ class _Uvicorn(uvicorn.Server):
         yield  # signals are ours (and the worker's): see serve() and serve_with_worker()
 
 
+def limits_of(settings: Settings) -> Limits:
+    return Limits(
+        header_timeout=settings.http_header_timeout,
+        body_timeout=settings.http_body_timeout,
+        max_connections=settings.http_max_connections,
+    )
+
+
 class HttpServer:
     """uvicorn serving ``app`` in the running event loop, on a socket bound here (so a
-    busy port is a clear error, and port 0 picks a free one: see ``port``)."""
+    busy port is a clear error, and port 0 picks a free one: see ``port``), with the
+    connection limits of ``limits`` (see connections.py; ``guard`` once started)."""
 
     def __init__(
         self,
@@ -75,8 +90,11 @@ class HttpServer:
         *,
         shutdown_seconds: float = 30.0,
         sock: socket.socket | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.app, self.host = app, host
+        self.limits = limits or Limits()
+        self.guard: ConnectionGuard | None = None
         self.sock = sock  # bound already (see bind()), or bound by start()
         self._port = port if sock is None else sock.getsockname()[1]
         self.shutdown_seconds = shutdown_seconds
@@ -95,8 +113,15 @@ class HttpServer:
     async def start(self) -> None:
         sock = self.sock or bind(self.host, self._port)
         self._port = sock.getsockname()[1]
+        cap, backlog = fd_budget(self.limits.max_connections)
+        self.guard = guard = ConnectionGuard(self.limits, cap)
+        service = getattr(getattr(self.app, "state", None), "service", None)
+        if isinstance(service, Service):
+            service.connections = guard  # for /metrics
         config = uvicorn.Config(
             self.app,
+            http=guard.protocol(),
+            backlog=backlog,
             log_config=None,
             access_log=False,
             ws="none",
@@ -105,7 +130,9 @@ class HttpServer:
             timeout_graceful_shutdown=max(1, int(self.shutdown_seconds)),
         )
         self.server = _Uvicorn(config)
+        undo = throttle_accept_errors(asyncio.get_running_loop(), guard.throttle)
         self.task = asyncio.create_task(self.server.serve(sockets=[sock]), name="http")
+        self.task.add_done_callback(lambda _: undo())
         while not self.server.started:
             if self.task.done():
                 sock.close()
@@ -150,6 +177,14 @@ def _announce(server: HttpServer, settings: Settings, emb: Embedder) -> None:
     log.info(
         "HTTP API on %s (model %s, %d dimensions, %s)", server.url, emb.name, emb.dim, emb.device
     )
+    if server.guard is not None:
+        limits = server.guard.limits
+        log.info(
+            "HTTP limits: request headers within %g s, bodies within %g s, %d connections",
+            limits.header_timeout,
+            limits.body_timeout,
+            server.guard.cap,
+        )
     if settings.api_key:
         log.info("HTTP API: /webhook, /embed and /v1/embeddings need Authorization: Bearer <key>")
     else:
@@ -195,6 +230,7 @@ async def serve(settings: Settings) -> int:
         port,
         shutdown_seconds=settings.shutdown_seconds,
         sock=sock,
+        limits=limits_of(settings),
     )
     try:
         await server.start()
@@ -248,6 +284,7 @@ async def serve_with_worker(worker: Worker, settings: Settings) -> int:
         port,
         shutdown_seconds=settings.shutdown_seconds,
         sock=sock,
+        limits=limits_of(settings),
     )
     try:
         await server.start()
