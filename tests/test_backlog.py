@@ -1,0 +1,215 @@
+"""A backlog never hides fresh rows (issue 13): progressive writes, fresh work first,
+the backlog still finishes, and HNSW indexes built once a backfill is done."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import numpy as np
+from autoembed.engine import Embedder
+from autoembed.gate import Gate
+from autoembed.runner import Worker
+from autoembed.watches import watch
+
+from .helpers import fetch, make_documents, settings, wait_for, watch_documents
+
+
+class Paused:
+    """A real embedder that stops before its ``pause_at``-th call until the test lets it
+    go, and records what each call embedded."""
+
+    def __init__(self, inner: Embedder, pause_at: int) -> None:
+        self.inner, self.pause_at = inner, pause_at
+        self.calls: list[list[str]] = []
+        self.paused, self.go = threading.Event(), threading.Event()
+        self.dim, self.stats, self.name = inner.dim, inner.stats, inner.name
+        self.max_tokens, self.encode, self.files = inner.max_tokens, inner.encode, inner.files
+
+    def embed(self, texts: list[str], **kw: Any) -> np.ndarray:
+        self.calls.append(list(texts))
+        if len(self.calls) == self.pause_at:
+            self.paused.set()
+            if not self.go.wait(120):
+                raise TimeoutError("the test never let the embedder go on")
+        return self.inner.embed(texts, **kw)
+
+
+async def hnsw_indexes(db: Any, table: str) -> int:
+    rows = await fetch(
+        db,
+        "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_am am ON am.oid = c.relam WHERE i.indrelid = %s::regclass AND am.amname = 'hnsw'",
+        table,
+    )
+    return int(rows[0][0])
+
+
+async def test_vectors_appear_while_the_claim_is_still_in_flight(
+    db: Any, db_url: str, minilm: Embedder
+) -> None:
+    await make_documents(db)
+    await db.execute(
+        "INSERT INTO documents (content) SELECT 'backlog row ' || g FROM generate_series(1, 200) g"
+    )
+    await watch_documents(db, index="deferred")
+    paused = Paused(minilm, pause_at=2)  # the second chunk of the one claim waits
+    worker = Worker(
+        settings(db_url, batch_size=200, concurrency=1),
+        progress=False,
+        embedder_factory=lambda _n: paused,
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.to_thread(paused.paused.wait, 120)
+
+        async def first_chunk_written() -> bool:
+            return (await fetch(db, "SELECT count(embedding) FROM documents"))[0][0] == 64
+
+        await wait_for(first_chunk_written)
+        running = await fetch(db, "SELECT count(*) FROM autoembed.jobs WHERE status = 'running'")
+        assert running == [(136,)]  # the rest of the claim is still in flight
+    finally:
+        paused.go.set()
+        worker.request_stop("test done")
+        assert await task == 0
+
+
+async def test_a_fresh_row_overtakes_a_backlog_which_still_finishes(
+    db: Any, db_url: str, minilm: Embedder
+) -> None:
+    await make_documents(db)
+    await make_documents(db, "live")
+    await db.execute(
+        "INSERT INTO documents (content) SELECT 'backlog row ' || g FROM generate_series(1, 300) g"
+    )
+    await watch_documents(db, index="deferred")
+    await watch_documents(db, "live")
+    paused = Paused(minilm, pause_at=1)  # the backlog's first chunk holds the engine
+    worker = Worker(
+        settings(db_url, batch_size=300, concurrency=2),
+        progress=False,
+        embedder_factory=lambda _n: paused,
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.to_thread(paused.paused.wait, 120)
+        await db.execute("INSERT INTO live (content) VALUES ('written by the application')")
+
+        async def fresh_waits_for_the_engine() -> bool:
+            return worker.gate.waiting(True) == 1
+
+        await wait_for(fresh_waits_for_the_engine)  # claimed at once, queued first
+        paused.go.set()
+
+        async def fresh_written() -> bool:
+            return (await fetch(db, "SELECT count(embedding) FROM live"))[0][0] == 1
+
+        await wait_for(fresh_written)
+        # the fresh row was embedded right after the chunk in flight: second call
+        assert paused.calls[1] == ["written by the application"]
+        left = await fetch(db, "SELECT count(*) FROM autoembed.jobs WHERE watch_id = 1")
+        assert left[0][0] > 0  # while the backlog was still draining
+
+        async def backlog_done() -> bool:
+            return (await fetch(db, "SELECT count(embedding) FROM documents"))[0][0] == 300
+
+        await wait_for(backlog_done, timeout=300)
+    finally:
+        paused.go.set()
+        worker.request_stop("test done")
+        assert await task == 0
+
+
+async def test_the_index_is_built_after_the_backfill_and_search_works_before(
+    db: Any, db_url: str, minilm: Embedder
+) -> None:
+    await make_documents(db)
+    await db.execute(
+        "INSERT INTO documents (content) "
+        "SELECT 'row about topic ' || g FROM generate_series(1, 150) g"
+    )
+    await watch_documents(db, index="deferred")
+    assert await hnsw_indexes(db, "documents") == 0
+    paused = Paused(minilm, pause_at=2)
+    worker = Worker(
+        settings(db_url, batch_size=64, concurrency=1),
+        progress=False,
+        embedder_factory=lambda _n: paused,
+    )
+    task = asyncio.create_task(worker.run())
+    try:
+        await asyncio.to_thread(paused.paused.wait, 120)
+        # part of the backfill is written: no index yet, and search works (an exact scan)
+        assert await hnsw_indexes(db, "documents") == 0
+        q = minilm.embed(["row about topic 7"])[0]
+        hits = await fetch(db, "SELECT id FROM match_documents(%s, -1, 3)", q)
+        assert len(hits) == 3
+        status = await fetch(db, "SELECT index FROM autoembed.status")
+        assert status[0][0].startswith("deferred")
+        paused.go.set()
+
+        async def indexed() -> bool:
+            return await hnsw_indexes(db, "documents") == 1
+
+        await wait_for(indexed, timeout=300)  # built by the worker once the backfill is done
+        assert await fetch(db, "SELECT count(embedding) FROM documents") == [(150,)]
+        assert await fetch(db, "SELECT index_state FROM autoembed.watches") == [("ready",)]
+    finally:
+        paused.go.set()
+        worker.request_stop("test done")
+        assert await task == 0
+    # and it is an HNSW index the search can use (150 rows: the planner prefers a scan)
+    await db.execute("SET enable_seqscan = off")
+    plan = await fetch(db, "EXPLAIN SELECT id FROM documents ORDER BY embedding <=> %s LIMIT 3", q)
+    assert "hnsw" in str(plan).lower()
+
+
+async def test_a_large_backfill_defers_its_index(db: Any) -> None:
+    await db.execute("CREATE TABLE big (id int PRIMARY KEY, content text)")
+    await db.execute("INSERT INTO big SELECT g, 'text ' || g FROM generate_series(1, 10001) g")
+    await watch(db, "big", "content", model="all-minilm-l6-v2")
+    assert await fetch(db, "SELECT index_state FROM autoembed.watches") == [("deferred",)]
+    assert await hnsw_indexes(db, "big") == 0
+    await db.execute("CREATE TABLE small (id int PRIMARY KEY, content text)")
+    await db.execute("INSERT INTO small SELECT g, 'text ' || g FROM generate_series(1, 10) g")
+    await watch(db, "small", "content", model="all-minilm-l6-v2")
+    assert await hnsw_indexes(db, "small") == 1  # a small one is indexed at once
+
+
+# ---------------------------------------------------------------------------- the gate
+
+
+async def test_gate_serves_fresh_first_without_starving_backfill() -> None:
+    gate = Gate(fairness=2)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def take(kind: str) -> None:
+        async with gate.turn(kind == "fresh"):
+            order.append(kind)
+            await release.wait()
+
+    holder = asyncio.create_task(take("backfill"))
+    await asyncio.sleep(0)
+    waiters = [
+        asyncio.create_task(take(k)) for k in ("backfill", "fresh", "fresh", "fresh", "fresh")
+    ]
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(holder, *waiters)
+    # fresh first, but after `fairness` fresh turns in a row a waiting backfill gets one
+    assert order == ["backfill", "fresh", "fresh", "backfill", "fresh", "fresh"]
+
+
+async def test_gate_passes_a_cancelled_turn_on() -> None:
+    gate = Gate()
+    async with gate.turn(False):
+        waiter = asyncio.create_task(gate._acquire(True))
+        other = asyncio.create_task(gate._acquire(False))
+        await asyncio.sleep(0)
+        waiter.cancel()
+    await asyncio.wait_for(other, 5)  # the cancelled waiter did not keep the turn
+    gate._release()
+    assert not gate._busy
