@@ -268,6 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the first token's state instead of the mean (Session.run's mean_pool)",
     )
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
+    p.add_argument(
+        "--table",
+        metavar="TABLE",
+        help="embed with the model of TABLE's watch (a query vector for its search function)",
+    )
     _engine_options(p)
 
     add("models", "the model registry, and what is cached or installed here", "cmd_models")
@@ -579,7 +584,15 @@ async def cmd_search(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def cmd_embed(args: argparse.Namespace, settings: Settings) -> int:
-    emb = await asyncio.to_thread(_load_embedder, args, settings)
+    model = None
+    if args.table:
+        from . import watches
+
+        if args.model:
+            raise ConfigError("--table uses the model of the table's watch: leave out --model")
+        async with await _connect(settings) as conn:
+            model = (await watches.find_watch(conn, args.table))["model"]
+    emb = await asyncio.to_thread(_load_embedder, args, settings, model)
     opts = {"mean_pool": not args.no_mean_pool, "normalize": not args.no_normalize}
 
     def emit(texts: list[str]) -> None:

@@ -493,6 +493,7 @@ class Worker:
         finally:
             self.failed_jobs += batch.failed_for_good
             batch.failed_for_good = 0
+            self.wake.set()  # idle slots look again (a drain may be over)
 
     async def _give_back(self, batch: Batch, lane: str, delay: float = 0.0) -> None:
         try:
