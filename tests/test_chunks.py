@@ -92,7 +92,7 @@ async def test_a_template_and_its_columns(db: Any, db_url: str, minilm: Embedder
     await drain(db_url, minilm)
     await log_passage_writes(db)
     first = await passages(db)
-    content = [r for r in first if r[0] == 2][0]
+    content = next(r for r in first if r[0] == 2)
     assert_vector = minilm.embed(["Short\n\nA short page."])[0]
     assert float(np.dot(assert_vector, content[6].to_numpy())) > 0.9999
     assert all(r[4] + 2 + 2 <= 128 + 4 for r in first)  # 128-token passages, title reserved
@@ -127,7 +127,7 @@ async def test_an_edit_rewrites_only_the_passages_it_changed(
     total = len([r for r in after if r[0] == 1])
     assert 1 <= written <= 3 < total // 4, (written, total)
     # and every passage still matches the text it covers, and its vector its content
-    for _, _, start, end, _, content, vector in (r for r in after if r[0] == 1):
+    for _, _, start, end, _, content, _vector in (r for r in after if r[0] == 1):
         assert edited[start:end] == content
     # passages that only moved kept their vectors (found by their hash, not rewritten)
     old = {r[5]: r[6].to_numpy() for r in before if r[0] == 1}
