@@ -44,6 +44,7 @@ AUTOEMBED = [sys.executable, "-m", "autoembed.cli"]  # as conftest.AUTOEMBED
 
 KEY = "test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+JSON = {"Content-Type": "application/json"}
 MODEL = "all-minilm-l6-v2"
 LONG_TEXT = "PostgreSQL keeps embeddings next to the rows they describe. " * 60
 
@@ -259,7 +260,7 @@ async def test_bad_input_is_a_json_4xx(
     api: Api, path: str, body: Any, status: int, param: str | None
 ) -> None:
     if isinstance(body, bytes):
-        r = await api.client.post(path, content=body, headers=AUTH)
+        r = await api.client.post(path, content=body, headers={**AUTH, **JSON})
     else:
         r = await api.client.post(path, json=body, headers=AUTH)
     assert r.status_code == status, r.text
@@ -278,7 +279,7 @@ async def test_body_limit_is_enforced_while_reading(api: Api) -> None:
             yield b"x" * 4096
         yield b'"}'
 
-    r = await api.client.post("/embed", content=chunks(), headers=AUTH)
+    r = await api.client.post("/embed", content=chunks(), headers={**AUTH, **JSON})
     assert "content-length" not in r.request.headers
     assert r.status_code == 413 and error_of(r)["code"] == "body_too_large"
 
@@ -327,7 +328,7 @@ async def test_healthz_and_metrics(api: Api) -> None:
     text = (await api.client.get("/metrics")).text
     assert 'autoembed_http_requests_total{path="/embed",status="200"}' in text
     assert 'autoembed_http_requests_total{path="/embed",status="401"}' in text
-    assert f'autoembed_texts_per_second{{model="{MODEL}"}}' in text
+    assert f'autoembed_texts_total{{model="{MODEL}"}}' in text
     assert f'autoembed_truncated_texts_total{{model="{MODEL}"}}' in text
     assert "autoembed_batch_seconds" in text and "autoembed_jobs_claimed" in text
 
@@ -497,6 +498,29 @@ async def test_webhook_uuid_key_as_postgres_writes_it(db: Any, db_api: Api) -> N
         headers=AUTH,
     )
     assert r.status_code == 422 and error_of(r)["param"] == "record.id"
+
+
+async def test_webhook_two_watches_on_one_table(db: Any, db_api: Api) -> None:
+    """Both watches of a table get the row queued (this was a 500: the loop rebound the
+    row to the statement's result)."""
+    await db.execute("CREATE TABLE docs (id bigint PRIMARY KEY, content text)")
+    ids = []
+    for sql in (
+        f"SELECT autoembed.watch('docs', 'content', 'embedding', '{MODEL}')",
+        f"SELECT autoembed.watch('docs', 'content', 'embedding2', '{MODEL}', "
+        "match_function => 'match_docs2')",
+    ):
+        ids.append((await (await db.execute(sql)).fetchone())[0])
+    await db.execute("ALTER TABLE docs DISABLE TRIGGER USER")
+    record = {"id": 5, "content": "one row, two embeddings"}
+    r = await db_api.client.post("/webhook", json=hook("INSERT", record), headers=AUTH)
+    assert r.status_code == 202, r.text
+    assert r.json() == {"table": "public.docs", "queued": 2, "dropped": 0}
+    cur = await db.execute("SELECT watch_id, pk FROM autoembed.jobs ORDER BY watch_id")
+    assert await cur.fetchall() == [(ids[0], "5"), (ids[1], "5")]
+    r = await db_api.client.post("/webhook", json=hook("DELETE", None, record), headers=AUTH)
+    assert r.status_code == 202 and r.json()["dropped"] == 2
+    assert await jobs(db) == []
 
 
 async def test_webhook_bad_payloads(db: Any, db_api: Api) -> None:

@@ -24,21 +24,36 @@ from .errors import ModelError
 log = logging.getLogger(__name__)
 
 CORPUS = Path(__file__).parent / "data" / "pgdocs.jsonl.gz"
+PAGES = Path(__file__).parent / "data" / "pgdocs-pages.jsonl.gz"  # 24 whole pages
 QUERIES = (
     "build an index without blocking writes",
     "how do I undo a transaction that has not committed yet",
     "store JSON documents and query fields inside them",
 )
+PAGE_QUERIES = (
+    "how often are WAL checkpoints written",
+    "read a CSV file as a table",
+)
+IDENTIFIER = "wal_writer_flush_after"
 
 
 def passages(limit: int) -> Iterator[dict[str, str]]:
-    """``limit`` passages spread evenly over the whole documentation (0: all of them)."""
+    """``limit`` passages spread evenly over the whole documentation (0: all of them), and
+    those that name the identifier the hybrid search looks for."""
     with gzip.open(CORPUS, "rt", encoding="utf-8") as f:
         lines = f.readlines()
     step = len(lines) / limit if 0 < limit < len(lines) else 1.0
     count = limit if 0 < limit < len(lines) else len(lines)
-    for i in range(count):
-        yield json.loads(lines[int(i * step)])
+    chosen = {int(i * step) for i in range(count)}
+    chosen |= {i for i, line in enumerate(lines) if IDENTIFIER in line}
+    for i in sorted(chosen):
+        yield json.loads(lines[i])
+
+
+def whole_pages() -> Iterator[dict[str, str]]:
+    with gzip.open(PAGES, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
 
 
 def pick_model(requested: str | None) -> tuple[str, str]:
@@ -86,9 +101,25 @@ async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
                     await copy.write_row((p["title"], p["source"], p["content"]))
                     rows += 1
             print(f"loaded {rows} passages of the PostgreSQL documentation into documents")
-            info = await watch(conn, "documents", "content", model=model)
+            info = await watch(conn, "documents", "content", model=model, metadata_column=None)
             print(
                 f"watching documents.content with {info['model']}; search: {info['match_function']}"
+            )
+            await conn.execute(
+                "CREATE TABLE pages (id bigint PRIMARY KEY, title text, source text, body text)"
+            )
+            async with (
+                conn.cursor() as cur,
+                cur.copy("COPY pages (id, title, source, body) FROM STDIN") as copy,
+            ):
+                for page in whole_pages():
+                    await copy.write_row((page["id"], page["title"], page["source"], page["body"]))
+            chunked = await watch(
+                conn, "pages", "body", model=model, chunking={}, template="{title}\n\n{chunk}"
+            )
+            print(
+                "loaded 24 whole pages (4-16 kB each) into pages, watched in passages: "
+                f"{chunked['chunk_table']}; search: {chunked['match_function']}"
             )
 
         worker_settings = settings.with_(
@@ -103,9 +134,14 @@ async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         await worker.run()
         elapsed = time.perf_counter() - started
         emb = worker.embedders.get(info["model"])
+        async with await connect(pg.url) as conn:
+            cur = await conn.execute("SELECT count(*) FROM pages_chunks")
+            row = await cur.fetchone()
+            pieces = int(row[0]) if row else 0
+        texts = worker.done_rows - 24 + pieces
         print(
-            f"embedded {worker.done_rows} rows in {elapsed:.1f}s "
-            f"({worker.done_rows / elapsed:.1f} rows/s, model load included)"
+            f"embedded {worker.done_rows - 24} passages and 24 pages cut into {pieces} passages "
+            f"in {elapsed:.1f}s ({texts / elapsed:.1f} texts/s, model load included)"
         )
         if emb is None:
             return 3
@@ -119,6 +155,20 @@ async def run_demo(args: argparse.Namespace, settings: Settings) -> int:
                 for h in hits:
                     snippet = " ".join(h["content"].split())[:100]
                     print(f"  {h['similarity']:.3f}  #{h['id']}  {snippet}")
+            pages = await find_watch(conn, "pages")
+            for query in PAGE_QUERIES:
+                vector = (await asyncio.to_thread(emb.embed, [query]))[0]
+                hits = await search(conn, pages, vector, 0.0, 3)
+                print(f'\nsearch over whole pages, best passage each: "{query}"')
+                for h in hits:
+                    snippet = " ".join(h["content"].split())[:90]
+                    print(f"  {h['similarity']:.3f}  page {h['id']}  {snippet}")
+            vector = (await asyncio.to_thread(emb.embed, [IDENTIFIER]))[0]
+            hybrid = await search(conn, found, vector, 0.0, 3, text=IDENTIFIER, hybrid=True)
+            print(f'\nhybrid search (full text + vectors) for an exact name: "{IDENTIFIER}"')
+            for h in hybrid:
+                snippet = " ".join(h["content"].split())[:90]
+                print(f"  {h['score']:.4f}  #{h['id']}  {snippet}")
             latency = await _live_insert(conn, worker_settings, emb)
         print(
             f"\nlive: an INSERT got its vector {latency * 1000:.0f} ms later "

@@ -3,36 +3,32 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from .engine import EmbedStats
 
 
 class _EngineCollector(Collector):
-    """Texts and tokens per second since start, read from the embedders' own counters."""
+    """Texts, tokens and truncated texts embedded, read from the embedders' own counters
+    (counters: a rate is for the scraper to take, over the window it wants)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def collect(self):  # type: ignore[no-untyped-def]
-        elapsed = max(time.monotonic() - self.metrics.started, 1e-9)
-        texts = GaugeMetricFamily(
-            "autoembed_texts_per_second", "Texts embedded per second since start", labels=["model"]
-        )
-        tokens = GaugeMetricFamily(
-            "autoembed_tokens_per_second",
-            "Tokens embedded per second since start",
-            labels=["model"],
-        )
+    def collect(self) -> Iterator[Metric]:
+        texts = CounterMetricFamily("autoembed_texts", "Texts embedded", labels=["model"])
+        tokens = CounterMetricFamily("autoembed_tokens", "Tokens embedded", labels=["model"])
         truncated = CounterMetricFamily(
             "autoembed_truncated_texts", "Texts cut at the model's token limit", labels=["model"]
         )
         for name, stats in self.metrics.engines.items():
-            texts.add_metric([name], stats.texts / elapsed)
-            tokens.add_metric([name], stats.tokens / elapsed)
+            texts.add_metric([name], stats.texts)
+            tokens.add_metric([name], stats.tokens)
             truncated.add_metric([name], stats.truncated)
         yield texts
         yield tokens
