@@ -10,6 +10,7 @@
 -- have no USAGE on the autoembed schema, so they cannot alter these functions.
 
 DROP FUNCTION IF EXISTS autoembed._install(integer, name);
+DROP FUNCTION IF EXISTS autoembed._install(integer, name, boolean);
 DROP FUNCTION IF EXISTS autoembed._requeue(integer, boolean);
 DROP FUNCTION IF EXISTS autoembed.watch(regclass, name, name, text, name, name, text, text, jsonb);
 DROP FUNCTION IF EXISTS autoembed.watch(regclass, name, name, text, name, name, text, text, jsonb, text, text);
@@ -537,7 +538,8 @@ $$;
 -- (Re)create what a watch hangs on its table: the triggers, the accessors, the HNSW index
 -- (unless deferred) and the search function. Idempotent.
 CREATE OR REPLACE FUNCTION autoembed._install(watch_id integer, match_name name,
-                                              with_index boolean DEFAULT true)
+                                              with_index boolean DEFAULT true,
+                                              with_triggers boolean DEFAULT true)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -548,6 +550,7 @@ DECLARE
     vschema name := autoembed.vector_schema();
     created regprocedure;
     searches regprocedure[];
+    states text[];
     pk_name name;
     content_name name;
     emb_name name;
@@ -561,6 +564,11 @@ BEGIN
     content_name := autoembed._attname(w.source, w.content_attnum);
     emb_name := autoembed._attname(w.source, w.embedding_attnum);
 
+    IF with_triggers THEN
+    -- made again as they were: a trigger the user disabled (ALTER TABLE ... DISABLE TRIGGER)
+    -- stays disabled
+    SELECT array_agg(t.tgname::text || '=' || t.tgenabled::text) INTO states
+      FROM pg_trigger t WHERE t.tgrelid = w.source AND t.tgname LIKE 'autoembed\_' || w.id || '\_%';
     FOREACH statement IN ARRAY ARRAY['insert', 'update', 'delete', 'truncate'] LOOP
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', 'autoembed_' || w.id || '_' || statement, w.source);
     END LOOP;
@@ -583,6 +591,14 @@ BEGIN
         'CREATE TRIGGER %I AFTER TRUNCATE ON %s
          FOR EACH STATEMENT EXECUTE FUNCTION autoembed.forget_rows(%L)',
         'autoembed_' || w.id || '_truncate', w.source, w.id);
+    FOREACH statement IN ARRAY coalesce(states, '{}') LOOP
+        CONTINUE WHEN split_part(statement, '=', 2) = 'O';
+        EXECUTE format('ALTER TABLE %s %s TRIGGER %I', w.source,
+                       CASE split_part(statement, '=', 2) WHEN 'D' THEN 'DISABLE'
+                            WHEN 'R' THEN 'ENABLE REPLICA' ELSE 'ENABLE ALWAYS' END,
+                       split_part(statement, '=', 1));
+    END LOOP;
+    END IF;
 
     IF w.index_state = 'ready' AND with_index THEN
         PERFORM autoembed._build_indexes(w.id);
@@ -1213,7 +1229,7 @@ BEGIN
     IF problem IS NULL THEN
         PERFORM autoembed._install(watch_id, (SELECT p.proname FROM autoembed.watches x
                                                 JOIN pg_proc p ON p.oid = x.match_function::oid
-                                               WHERE x.id = watch_id), false);
+                                               WHERE x.id = watch_id), false, false);
     END IF;
     RETURN problem;
 END

@@ -23,6 +23,7 @@ GRANT EXECUTE ON FUNCTION
 GRANT USAGE ON SCHEMA autoembed TO autoembed_definer;
 GRANT SELECT ON autoembed.watches, autoembed.models TO autoembed_definer;
 GRANT UPDATE (model, dim, embedding_attnum, next_model, next_dim, next_attnum, index_note, version,
+              chunk_table, next_chunk_table,
               index_state)
     ON autoembed.watches TO autoembed_definer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON autoembed.jobs TO autoembed_definer;

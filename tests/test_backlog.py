@@ -151,11 +151,12 @@ async def test_the_index_is_built_after_the_backfill_and_search_works_before(
         paused.go.set()
 
         async def indexed() -> bool:
-            return await hnsw_indexes(db, "documents") == 1
+            state = await fetch(db, "SELECT index_state FROM autoembed.watches")
+            return state == [("ready",)]
 
         await wait_for(indexed, timeout=300)  # built by the worker once the backfill is done
+        assert await hnsw_indexes(db, "documents") == 1
         assert await fetch(db, "SELECT count(embedding) FROM documents") == [(150,)]
-        assert await fetch(db, "SELECT index_state FROM autoembed.watches") == [("ready",)]
     finally:
         paused.go.set()
         worker.request_stop("test done")

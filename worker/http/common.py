@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -121,20 +121,6 @@ class Service:
 
 
 # ---------------------------------------------------------------------------- request parsing
-
-
-def _is_outage(exc: BaseException) -> bool:
-    """Whether ``exc`` means the database cannot be reached (worth retrying soon), rather
-    than that it refused this statement."""
-    # lead: replace with autoembed.outcomes.is_outage
-    if isinstance(exc, PoolTimeout | psycopg.InterfaceError):
-        return True
-    if isinstance(exc, psycopg.Error):
-        state = exc.sqlstate
-        if state is None:  # raised by the driver: the connection failed or was lost
-            return isinstance(exc, psycopg.OperationalError)
-        return state.startswith("08") or state in OUTAGE_STATES
-    return isinstance(exc, OSError)
 
 
 def require_json(request: Request) -> None:

@@ -21,8 +21,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..db import describe, fetch_dicts, q
+from ..outcomes import is_db_outage
 from ..queue import Watch
-from .common import MISSING, HTTPError, Service, _is_outage, authorize, json_object, read_json
+from .common import MISSING, HTTPError, Service, authorize, json_object, read_json
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ async def webhook(request: Request) -> Response:
 
 
 def _database_failure(exc: BaseException, row_key: str) -> HTTPError:
-    if _is_outage(exc):
+    if is_db_outage(exc):
         return HTTPError(
             503,
             f"database unavailable: {describe(exc)}",
