@@ -2,10 +2,16 @@
 
     python benchmarks/bench_engine.py                # CPU: MiniLM, gte-small shape; fp32, int8
     python benchmarks/bench_engine.py --device cuda  # GPU: gte-small shape; fp32, fp16; b32, b256
+    python benchmarks/bench_engine.py --ab           # CPU: previous graph and padding vs these
 
 On CPU it also measures numpy's sgemm rate in the same run and prints the gte-small-shaped
 model's FLOP rate against it; when sentence-transformers can be imported, it embeds the same
 texts with it (same run, same threads) and prints the ratio and the cosine between the two.
+
+``--ab`` is for CPU regressions on a busy machine: the engine's batches of the same texts
+through the previous form of the graph (attention given a 2-D mask) with the previous
+row-by-row padding, and through this engine's graph and padding, alternating A and B for
+several rounds in one process, so that both meet the same load; it prints the medians.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -181,13 +188,82 @@ def cuda(args: argparse.Namespace) -> list[dict[str, Any]]:
     return results
 
 
+def ab(args: argparse.Namespace) -> None:
+    import statistics
+
+    from autoembed.engine.bert_onnx import build_bert, load_safetensors, random_weights
+    from autoembed.engine.session import POOLED, add_pooling, create_session
+    from autoembed.engine.tokenize import pad, token_budget_batches
+
+    def pad_loop(ids: list[list[int]], index: np.ndarray, lengths: np.ndarray) -> Any:
+        width = int(lengths[index].max())
+        input_ids = np.zeros((len(index), width), dtype=np.int64)
+        mask = np.zeros((len(index), width), dtype=np.int64)
+        for row, i in enumerate(index):
+            input_ids[row, : len(ids[i])] = ids[i]
+            mask[row, : len(ids[i])] = 1
+        return input_ids, mask
+
+    texts = passages(args.texts)
+    with tempfile.TemporaryDirectory() as tmp:
+        minilm = resolve("all-minilm-l6-v2")
+        assert minilm.safetensors is not None and minilm.config is not None
+        gte = BertConfig.from_file(gte_shaped_dir(Path(tmp)) / "config.json")
+        models = [
+            ("all-minilm-l6-v2", minilm, BertConfig.from_file(minilm.config), None),
+            ("gte-small shape", resolve(str(gte_shaped_dir(Path(tmp)))), gte, 0),
+        ]
+        for label, files, cfg, seed in models:
+            weights = (
+                load_safetensors(files.safetensors)  # type: ignore[arg-type]
+                if seed is None
+                else random_weights(cfg, seed=seed)
+            )
+            emb = Embedder(files, device="cpu")
+            enc = emb.encode(texts)
+            batches = token_budget_batches(enc.lengths, emb.token_budget, emb.max_batch)
+            runs = {}
+            for name, mask, padder in (("A previous", "raw", pad_loop), ("B now", "lengths", pad)):
+                path = Path(tmp) / f"{label}-{mask}.onnx"
+                onnx.save(add_pooling(build_bert(cfg, weights, mask=mask)), str(path))  # type: ignore[arg-type]
+                runs[name] = (create_session(path, "cpu", None), padder)
+            times: dict[str, list[float]] = {name: [] for name in runs}
+            outs: dict[str, np.ndarray] = {}
+            for r in range(args.rounds):
+                for name in sorted(runs, reverse=r % 2 == 1):
+                    session, padder = runs[name]
+                    start = time.perf_counter()
+                    vecs = []
+                    for index in batches:
+                        ids, mask = padder(enc.ids, index, enc.lengths)
+                        feeds = {"input_ids": ids, "attention_mask": mask}
+                        vecs.append(session.run([POOLED[emb.pooling]], feeds)[0])
+                    times[name].append(time.perf_counter() - start)
+                    outs[name] = np.concatenate(vecs)
+            med = {name: statistics.median(t) for name, t in times.items()}
+            c = cosine_rows(outs["A previous"], outs["B now"])
+            for name, m in med.items():
+                report(f"{label} fp32 {name}", len(texts), enc.total_tokens, m)
+            print(
+                f"  B/A {med['A previous'] / med['B now']:.3f} (median of {args.rounds} "
+                f"alternating rounds; per round A {[round(t, 2) for t in times['A previous']]}, "
+                f"B {[round(t, 2) for t in times['B now']]}); cosine A-B min {c.min():.6f}",
+                flush=True,
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--texts", type=int, default=1000, help="passages (default 1000)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--ab", action="store_true", help="CPU: previous graph vs this one")
+    parser.add_argument("--rounds", type=int, default=5, help="--ab rounds (default 5)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.ab:
+        ab(args)
+        return
     results = cpu(args) if args.device == "cpu" else cuda(args)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

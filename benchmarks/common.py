@@ -26,19 +26,21 @@ def passages(n: int) -> list[str]:
     return out
 
 
-def gte_shaped_dir(cache: Path) -> Path:
+def gte_shaped_dir(cache: Path, mask: str = "lengths") -> Path:
     """gte-small's tokenizer and config with builder-made weights: it costs what gte-small
-    costs (same shape), in Supabase's ONNX layout."""
+    costs (same shape), in Supabase's ONNX layout. ``mask="raw"`` builds the graph as the
+    builder did before attention took lengths (a 2-D mask), for comparisons."""
     from autoembed.engine.bert_onnx import BertConfig, build_bert, random_weights
 
-    target = cache / "gte-small-shaped"
+    target = cache / ("gte-small-shaped" if mask == "lengths" else f"gte-small-shaped-{mask}")
     model = target / "onnx" / "model.onnx"
     if not model.is_file():
         (target / "onnx").mkdir(parents=True, exist_ok=True)
         for name in ("tokenizer.json", "config.json"):
             (target / name).write_bytes((GTE_FILES / name).read_bytes())
         cfg = BertConfig.from_file(GTE_FILES / "config.json")
-        onnx.save(build_bert(cfg, random_weights(cfg, seed=0), fused=True), str(model))
+        graph = build_bert(cfg, random_weights(cfg, seed=0), fused=True, mask=mask)  # type: ignore[arg-type]
+        onnx.save(graph, str(model))
     return target
 
 

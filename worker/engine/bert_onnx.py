@@ -123,8 +123,9 @@ class BertConfig:
         counted from 0 and a GELU or ReLU feed-forward.
 
         RoBERTa and XLM-RoBERTa look the same weight for weight but count positions from
-        ``padding_idx + 1``, so the builder would embed them wrongly (cosine 0.61 to the
-        reference was seen): they are refused, with what to do instead."""
+        ``padding_idx + 1``, so the builder would embed them wrongly (issue 10.11
+        reports cosines as low as 0.61 to the reference): they are refused, with what to
+        do instead."""
         where = f"{self.source}: "
         if self.model_type in REFUSED_TYPES:
             raise ModelError(

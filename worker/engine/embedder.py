@@ -91,7 +91,6 @@ TOKENIZE_AHEAD = 2  # chunks of texts another may hold tokenized ahead of paddin
 class _Batch:
     """One padded batch of one chunk of texts."""
 
-    chunk: int
     enc: Encoded
     index: np.ndarray  # the chunk's rows in this batch, in batch order
     input_ids: np.ndarray | None  # None: the chunk is empty
@@ -206,8 +205,9 @@ class Embedder:
         self.max_batch = max_batch or (256 if self.device == "cuda" else 128)
         # texts tokenized at a time ahead of the device, in a long ``embed`` on CUDA
         self.chunk_texts = self.max_batch
-        # batch widths rounded up to this many tokens (1: none)
-        self.pad_multiple = 1
+        # batch widths rounded up to a multiple of tokens: on CUDA each new batch shape
+        # costs a first slow run, and rounding bounds the shapes to max_tokens / 16
+        self.pad_multiple = 16 if self.device == "cuda" else 1
         self.stats = EmbedStats()
         self.dim = int(self.embed(["dimension probe"]).shape[1])
         self.stats = EmbedStats()
@@ -242,15 +242,15 @@ class Embedder:
     def _padded(self, chunks: Iterable[Encoded]) -> Iterator[_Batch]:
         """Each chunk's batches, padded (the host side of inference). An empty chunk gives
         one empty batch, so that every chunk ends with a batch marked ``last``."""
-        for number, enc in enumerate(chunks):
+        for enc in chunks:
             batches = token_budget_batches(enc.lengths, self.token_budget, self.max_batch)
             if not batches:
-                yield _Batch(number, enc, np.empty(0, np.int64), None, None, last=True)
+                yield _Batch(enc, np.empty(0, np.int64), None, None, last=True)
             for k, index in enumerate(batches):
                 input_ids, mask = pad(
                     enc.ids, index, enc.lengths, self.pad_multiple, self.max_tokens
                 )
-                yield _Batch(number, enc, index, input_ids, mask, last=k == len(batches) - 1)
+                yield _Batch(enc, index, input_ids, mask, last=k == len(batches) - 1)
 
     def _pipeline(
         self, batches: Iterator[_Batch], how: str, normalize: bool
@@ -287,13 +287,15 @@ class Embedder:
     def embed_encoded(
         self, enc: Encoded, *, mean_pool: bool = True, normalize: bool = True
     ) -> np.ndarray:
-        """Vectors for texts already tokenized (``encode``), in their order. On CUDA the
-        next batch is padded in a helper thread while the current one runs."""
+        """Vectors for texts already tokenized (``encode``), in their order. On CUDA, with
+        more than ``max_batch`` texts, the next batch is padded in a helper thread while the
+        current one runs."""
         how = self.pooling if mean_pool else "cls"
         if len(enc.ids) == 0:
             return np.empty((0, getattr(self, "dim", 0)), dtype=np.float32)
         batches = self._padded([enc])
-        with _ahead(batches, PAD_AHEAD if self.device == "cuda" else 0) as ready:
+        several = self.device == "cuda" and len(enc.ids) > self.max_batch
+        with _ahead(batches, PAD_AHEAD if several else 0) as ready:
             return next(self._pipeline(ready, how, normalize))
 
     def embed_many(
@@ -306,13 +308,13 @@ class Embedder:
         """One float32 ``(len(chunk), dim)`` array per chunk of texts, in order, as each is
         done: the same vectors as ``embed(chunk)`` for each chunk.
 
-        A helper thread tokenizes and pads the chunks ahead of inference (at most
-        ``PAD_AHEAD`` batches ahead), so on a GPU the device never waits for the host, and
-        ``chunks`` may be a generator that produces texts as they are read. An error in a
-        chunk (a text that is not a string, inference failing) is raised when that chunk's
-        turn comes, after the arrays of the chunks before it. Closing the generator (or
-        leaving a ``for`` loop over it) stops the helper thread; a chunk it had started on
-        is dropped.
+        Two helper threads work ahead of inference: one tokenizes up to ``TOKENIZE_AHEAD``
+        chunks ahead, the other pads up to ``PAD_AHEAD`` batches ahead, so that on a GPU the
+        host's work overlaps the device's. ``chunks`` may be a generator that produces texts
+        as they are read; it is read only that far ahead. An error in a chunk (a text that
+        is not a string, inference failing) is raised when that chunk's turn comes, after
+        the arrays of the chunks before it. Closing the generator (or leaving a ``for`` loop
+        over it) stops the helper threads; chunks they had prepared are dropped.
         """
         how = self.pooling if mean_pool else "cls"
 

@@ -286,10 +286,20 @@ def prepare_graph(files: ModelFiles, precision: Precision, cache: Path) -> Path:
     return _pooled(graph, folder / f"{precision}.pooled.onnx")
 
 
-def create_session(path: Path, device: Literal["cpu", "cuda"], threads: int | None) -> Any:
+def create_session(
+    path: Path,
+    device: Literal["cpu", "cuda"],
+    threads: int | None,
+    mem_pattern: bool | None = None,
+) -> Any:
+    """An ONNX Runtime session over the graph at ``path``. ``mem_pattern`` (default: on
+    CPU only) is ONNX Runtime's plan of one allocation per input shape, made at the first
+    run of each shape: batch shapes change with every batch here, and on CUDA each new
+    plan is a new device allocation."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
+    opts.enable_mem_pattern = device != "cuda" if mem_pattern is None else mem_pattern
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.intra_op_num_threads = threads or usable_cpus()
