@@ -249,3 +249,69 @@ async def test_search_command_refuses_a_bad_filter(db: Any, db_url: str, bad: st
         check=False,
     )
     assert done.returncode == 2 and "--filter" in done.stderr
+
+
+async def test_search_over_http(db: Any, db_url: str, minilm: Embedder) -> None:
+    from autoembed.db import configure_worker, reset_worker
+    from autoembed.http import create_app
+    from psycopg_pool import AsyncConnectionPool
+
+    from .test_http import AUTH, JSON, make_settings, running
+
+    await load_passages(db)
+    await drain(db_url, minilm)
+    # the pool as the worker's: a pinned search_path, so the table is found without one
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url,
+        min_size=1,
+        max_size=2,
+        kwargs={"autocommit": True},
+        configure=configure_worker,
+        reset=reset_worker,
+        open=False,
+    )
+    await pool.open(wait=True)
+    item = IDENTIFIERS[0]
+    try:
+        app = create_app(make_settings(database_url=db_url), minilm, pool=pool)
+        async with running(app) as api:
+            headers = {**AUTH, **JSON}
+            r = await api.client.post(
+                "/search",
+                json={"table": "passages", "query": item["identifier"], "hybrid": True, "limit": 3},
+                headers=headers,
+            )
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model"] == "all-minilm-l6-v2"
+            assert body["results"][0]["id"] == item["passage"] and "score" in body["results"][0]
+            r = await api.client.post(
+                "/search",
+                json={
+                    "table": "public.passages",
+                    "query": "backups",
+                    "filter": {"tenant": "b"},
+                    "limit": 4,
+                },
+                headers=headers,
+            )
+            assert r.status_code == 200, r.text
+            results = r.json()["results"]
+            assert len(results) == 4 and all(x["metadata"]["tenant"] == "b" for x in results)
+            for bad, param in (
+                ({"table": "passages"}, "query"),
+                ({"table": "passages", "query": "x", "limit": 0}, "limit"),
+                ({"table": "passages", "query": "x", "filter": [1]}, "filter"),
+            ):
+                r = await api.client.post("/search", json=bad, headers=headers)
+                assert r.status_code == 422 and r.json()["error"]["param"] == param
+            r = await api.client.post(
+                "/search", json={"table": "nowhere", "query": "x"}, headers=headers
+            )
+            assert r.status_code == 404
+            r = await api.client.post(
+                "/search", json={"table": "passages", "query": "x"}, headers=JSON
+            )
+            assert r.status_code == 401  # the same auth as every other route
+    finally:
+        await pool.close()

@@ -172,29 +172,45 @@ async def retry(conn: psycopg.AsyncConnection[Any], table: str | None) -> int:
 async def find_watch(
     conn: psycopg.AsyncConnection[Any], table: str, embedding_column: str | None = None
 ) -> dict[str, Any]:
-    """The watch of a table (and its match function's schema and name)."""
+    """The watch of a table (and its search functions' schema and names). ``table`` may be
+    schema-qualified; a bare name is looked up among the watched tables (in the session's
+    search_path first), so this works on sessions with any search_path."""
     try:
         rows = await fetch_dicts(
             conn,
-            "SELECT w.id, w.model, w.dim, "
+            "WITH name AS (SELECT pg_catalog.parse_ident(%s) AS parts) "
+            "SELECT w.id, w.model, w.dim, c.relname AS table_name, tn.nspname AS table_schema, "
             "coalesce(autoembed._attname(w.source, w.embedding_attnum), "
-            "(SELECT relname FROM pg_class WHERE oid = w.chunk_table)) AS embedding_column, "
+            "(SELECT relname FROM pg_catalog.pg_class WHERE oid = w.chunk_table)) AS embedding_column, "
             "autoembed._attname(w.source, w.content_attnum) AS content_column, "
             "autoembed._attname(w.source, w.pk_attnum) AS pk_column, "
             "n.nspname AS fn_schema, p.proname AS fn_name, "
-            "(SELECT h.proname FROM pg_proc h WHERE h.oid = ANY (w.functions::oid[]) "
-            " AND h.proname LIKE 'hybrid\\_%%' LIMIT 1) AS hybrid_name "
+            "(SELECT h.proname FROM pg_catalog.pg_proc h WHERE h.oid = ANY (w.functions::oid[]) "
+            " AND h.proname LIKE 'hybrid\\_%%' LIMIT 1) AS hybrid_name, "
+            "tn.nspname = ANY (pg_catalog.current_schemas(false)) AS on_path "
             "FROM autoembed.watches w "
-            "LEFT JOIN pg_proc p ON p.oid = w.match_function::oid "
-            "LEFT JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE w.source = %s::regclass "
+            "JOIN pg_catalog.pg_class c ON c.oid = w.source "
+            "JOIN pg_catalog.pg_namespace tn ON tn.oid = c.relnamespace "
+            "CROSS JOIN name "
+            "LEFT JOIN pg_catalog.pg_proc p ON p.oid = w.match_function::oid "
+            "LEFT JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE c.relname = name.parts[pg_catalog.cardinality(name.parts)] "
+            "AND (pg_catalog.cardinality(name.parts) = 1 OR tn.nspname = name.parts[1]) "
             "AND (%s::name IS NULL OR autoembed._attname(w.source, w.embedding_attnum) = %s "
-            "     OR (SELECT relname FROM pg_class WHERE oid = w.chunk_table) = %s) "
+            "     OR (SELECT relname FROM pg_catalog.pg_class WHERE oid = w.chunk_table) = %s) "
             "ORDER BY w.id",
             (table, embedding_column, embedding_column, embedding_column),
         )
     except psycopg.Error as exc:
         raise WatchError(f"cannot find {table}: {describe(exc)}") from exc
+    if len({(r["table_schema"], r["table_name"]) for r in rows}) > 1:
+        rows = [r for r in rows if r["on_path"]] or rows
+        schemas = sorted({r["table_schema"] for r in rows})
+        if len(schemas) > 1:
+            raise WatchError(
+                f"{table} is watched in several schemas ({', '.join(schemas)}): "
+                "qualify it, e.g. " + f"{schemas[0]}.{table}"
+            )
     if not rows:
         raise WatchError(f"{table} is not watched: autoembed watch {table} --column COLUMN")
     if len(rows) > 1:

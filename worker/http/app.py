@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 from .common import PATHS, HTTPError, Service
 from .hosts import HostGuard, HostPolicy
 from .routes import embed_openai, embed_supabase, healthz, metrics_page
+from .search import search_route
 from .webhook import webhook
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ def create_app(
             Route("/webhook", webhook, methods=["POST"]),
             Route("/embed", embed_supabase, methods=["POST"]),
             Route("/v1/embeddings", embed_openai, methods=["POST"]),
+            Route("/search", search_route, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/metrics", metrics_page, methods=["GET"]),
         ],

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TRUNCATED_HEADER = "X-Autoembed-Truncated"
-PATHS = ("/webhook", "/embed", "/v1/embeddings", "/healthz", "/metrics")
+PATHS = ("/webhook", "/embed", "/v1/embeddings", "/search", "/healthz", "/metrics")
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 MISSING = object()
 OUTAGE_STATES = frozenset({"57P01", "57P02", "57P03"})  # admin / crash shutdown, cannot connect
