@@ -208,3 +208,45 @@ async def test_bad_chunking_options_are_refused(db: Any) -> None:
             await watch(db, "pages", "body", model="all-minilm-l6-v2", chunking=options)
     with pytest.raises(WatchError, match=r"must place the passage: \{chunk\}"):
         await watch(db, "pages", "body", model="all-minilm-l6-v2", chunking={}, template="{title}")
+
+
+async def test_a_model_change_builds_new_passages_beside_the_old(
+    db: Any, db_url: str, minilm: Embedder
+) -> None:
+    from .test_daemon import Negated
+
+    await make_pages(db)
+    await watch(db, "pages", "body", model="all-minilm-l6-v2", chunking={})
+    await drain(db_url, minilm)
+    before = {(r[0], r[1]): r[6].to_numpy() for r in await passages(db)}
+    await db.execute("SELECT autoembed.register_model('other-384', 384)")
+    await db.execute("SELECT autoembed.set_model('pages', 'other-384', 'pages_chunks')")
+    # the old passages answer searches until the new ones are complete
+    q = minilm.embed(["COPY FROM a file"])[0]
+    assert (await fetch(db, "SELECT id FROM match_pages(%s, -1, 1)", q))[0][0] == 1
+    other = Negated(minilm, "other-384")
+    other.files = minilm.files  # type: ignore[attr-defined]  # the same tokenizer cuts the text
+    from autoembed.runner import Worker
+
+    from .helpers import settings
+
+    worker = Worker(
+        settings(db_url),
+        drain=True,
+        progress=False,
+        embedder_factory=lambda name: other if name == "other-384" else minilm,
+    )
+    assert await worker.run() == 0
+    assert await fetch(db, "SELECT model, next_model FROM autoembed.watches") == [
+        ("other-384", None)
+    ]
+    after = {(r[0], r[1]): r[6].to_numpy() for r in await passages(db)}
+    assert after.keys() == before.keys()
+    for key, vector in after.items():
+        assert np.allclose(vector, -before[key], atol=1e-6)
+    tables = await fetch(
+        db,
+        "SELECT relname FROM pg_class WHERE relname LIKE 'pages_chunks%%' "
+        "AND relkind = 'r' ORDER BY 1",
+    )
+    assert tables == [("pages_chunks",)]  # swapped in under the same name, the old dropped
