@@ -165,8 +165,8 @@ END
 $$;
 
 -- What is wrong with a watch now (NULL: nothing): its table, key or columns were dropped or
--- retyped after it was made. Such a watch is not served, its triggers queue nothing (and
--- warn), and `autoembed status` shows this text.
+-- retyped after it was made. Such a watch is not served, its triggers queue the rows written
+-- meanwhile (and warn), and `autoembed status` shows this text.
 CREATE OR REPLACE FUNCTION autoembed.watch_problem(watch_id integer)
 RETURNS text
 LANGUAGE plpgsql STABLE

@@ -151,10 +151,11 @@ AS $$
     RETURNING true
 $$;
 
--- Hand a function to the owner of a table. A superuser may do it outright; a member of the
--- owner role may once the owner can create in the schema, which it can only inside this
--- transaction (the grant is revoked before anyone else can see it).
-CREATE OR REPLACE FUNCTION autoembed._give(fn regprocedure, owner oid)
+-- Hand an object of autoembed's making (a function, a chunk table) to the owner of a
+-- watched table. A superuser may do it outright; a member of the owner role may once the
+-- owner can create in the object's schema, which it can only inside this transaction (the
+-- grant is revoked before anyone else can see it).
+CREATE OR REPLACE FUNCTION autoembed._hand_over(kind text, object text, owner oid, in_schema name)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -162,26 +163,36 @@ AS $$
 DECLARE
     transient boolean;
 BEGIN
-    -- privileges first: ALTER OWNER carries them over to the new owner
-    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO autoembed_workers', fn);
-    IF (SELECT proowner FROM pg_proc WHERE oid = fn) = owner THEN
-        RETURN;
-    END IF;
     IF NOT pg_has_role(current_user, owner, 'MEMBER') THEN
         RAISE EXCEPTION 'autoembed: % cannot act for %, the owner of the watched table', current_user, owner::regrole
             USING HINT = format('Watch it as a superuser, or as a member of %s (GRANT %s TO %s).',
                                 owner::regrole, owner::regrole, current_user),
                   ERRCODE = 'insufficient_privilege';
     END IF;
-    transient := NOT has_schema_privilege(owner, 'autoembed', 'CREATE')
+    transient := NOT has_schema_privilege(owner, in_schema, 'CREATE')
                  AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user);
     IF transient THEN
-        EXECUTE format('GRANT CREATE ON SCHEMA autoembed TO %s', owner::regrole);
+        EXECUTE format('GRANT CREATE ON SCHEMA %I TO %s', in_schema, owner::regrole);
     END IF;
-    EXECUTE format('ALTER FUNCTION %s OWNER TO %s', fn, owner::regrole);
+    EXECUTE format('ALTER %s %s OWNER TO %s', kind, object, owner::regrole);
     IF transient THEN
-        EXECUTE format('REVOKE CREATE ON SCHEMA autoembed FROM %s', owner::regrole);
+        EXECUTE format('REVOKE CREATE ON SCHEMA %I FROM %s', in_schema, owner::regrole);
+    END IF;
+END
+$$;
+
+-- Hand an accessor function to the table's owner, executable by the worker group only.
+CREATE OR REPLACE FUNCTION autoembed._give(fn regprocedure, owner oid)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- privileges first: ALTER OWNER carries them over to the new owner
+    EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO autoembed_workers', fn);
+    IF (SELECT proowner FROM pg_proc WHERE oid = fn) <> owner THEN
+        PERFORM autoembed._hand_over('FUNCTION', fn::text, owner, 'autoembed');
     END IF;
 END
 $$;
@@ -402,8 +413,7 @@ BEGIN
             PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
             RETURN QUERY SELECT r.k, r.o, NULL::text FROM ROWS FROM (pg_catalog.unnest(ks), pg_catalog.unnest(outs)) AS r(k, o);
         EXCEPTION WHEN OTHERS THEN
-            IF pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) ANY (ARRAY['08', '40', '53', '55', '57', '58', 'XX'])
-               OR (pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) '42' AND SQLSTATE OPERATOR(pg_catalog.<>) '42501') THEN
+            IF @SERVER_FAULT@ THEN
                 RAISE;  -- the server or autoembed, not the row
             END IF;
             -- one row refused: write them one by one, so that it fails alone
@@ -417,8 +427,7 @@ BEGIN
                     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
                     RETURN QUERY SELECT r.k, r.o, NULL::text FROM ROWS FROM (pg_catalog.unnest(ks), pg_catalog.unnest(outs)) AS r(k, o);
                 EXCEPTION WHEN OTHERS THEN
-                    IF pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) ANY (ARRAY['08', '40', '53', '55', '57', '58', 'XX'])
-                       OR (pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) '42' AND SQLSTATE OPERATOR(pg_catalog.<>) '42501') THEN
+                    IF @SERVER_FAULT@ THEN
                         RAISE;
                     END IF;
                     RETURN QUERY SELECT good[i], 'error'::text, SQLSTATE OPERATOR(pg_catalog.||) ': ' OPERATOR(pg_catalog.||) SQLERRM;
@@ -520,7 +529,11 @@ RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(src,
+    -- @SERVER_FAULT@: an error of the server or of autoembed, not of the row written (it is
+    -- raised; a row's own errors fail that row alone)
+    SELECT replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(replace(src,
+        '@SERVER_FAULT@', '(pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) ANY (ARRAY[''08'', ''40'', ''53'', ''55'', ''57'', ''58'', ''XX'']) '
+                          'OR (pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) ''42'' AND SQLSTATE OPERATOR(pg_catalog.<>) ''42501''))'),
         '@NEXT_CHUNKS@', coalesce(w.next_chunk_table::oid::text, 'NULL')),
         '@CHUNKS@', coalesce(w.chunk_table::oid::text, 'NULL')),
         '@SETTINGS@', settings),

@@ -118,7 +118,6 @@ DECLARE
     rel_schema name;
     owner oid;
     made regclass;
-    transient boolean;
 BEGIN
     SELECT * INTO STRICT w FROM autoembed.watches x WHERE x.id = watch_id;
     SELECT n.nspname, c.relowner INTO rel_schema, owner
@@ -150,15 +149,7 @@ BEGIN
         made, w.source, autoembed._attname(w.source, w.pk_attnum));
     EXECUTE format('GRANT SELECT ON %s TO PUBLIC', made);
     IF (SELECT relowner FROM pg_class WHERE oid = made) <> owner THEN
-        transient := NOT has_schema_privilege(owner, rel_schema, 'CREATE')
-                     AND NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user);
-        IF transient THEN
-            EXECUTE format('GRANT CREATE ON SCHEMA %I TO %s', rel_schema, owner::regrole);
-        END IF;
-        EXECUTE format('ALTER TABLE %s OWNER TO %s', made, owner::regrole);
-        IF transient THEN
-            EXECUTE format('REVOKE CREATE ON SCHEMA %I FROM %s', rel_schema, owner::regrole);
-        END IF;
+        PERFORM autoembed._hand_over('TABLE', made::text, owner, rel_schema);
     END IF;
     RETURN made;
 END
@@ -302,8 +293,7 @@ BEGIN
             EXECUTE q USING c_pk, c_hash, c_seq, c_index, c_start, c_end, c_tokens, c_text, c_vec, ok;
             PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
         EXCEPTION WHEN OTHERS THEN
-            IF pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) ANY (ARRAY['08', '40', '53', '55', '57', '58', 'XX'])
-               OR (pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) '42' AND SQLSTATE OPERATOR(pg_catalog.<>) '42501') THEN
+            IF @SERVER_FAULT@ THEN
                 RAISE;
             END IF;
             -- one row's passages refused: each row alone, so that it fails alone
@@ -313,8 +303,7 @@ BEGIN
                     EXECUTE q USING c_pk, c_hash, c_seq, c_index, c_start, c_end, c_tokens, c_text, c_vec, ARRAY[ok[i]];
                     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
                 EXCEPTION WHEN OTHERS THEN
-                    IF pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) ANY (ARRAY['08', '40', '53', '55', '57', '58', 'XX'])
-                       OR (pg_catalog.left(SQLSTATE, 2) OPERATOR(pg_catalog.=) '42' AND SQLSTATE OPERATOR(pg_catalog.<>) '42501') THEN
+                    IF @SERVER_FAULT@ THEN
                         RAISE;
                     END IF;
                     FOR j IN 1 .. pg_catalog.cardinality(ks) LOOP
