@@ -250,3 +250,29 @@ async def test_a_model_change_builds_new_passages_beside_the_old(
         "AND relkind = 'r' ORDER BY 1",
     )
     assert tables == [("pages_chunks",)]  # swapped in under the same name, the old dropped
+
+
+async def test_a_huge_document_is_capped_not_crashed(
+    db: Any, db_url: str, minilm: Embedder, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    await make_pages(db)
+    huge = (
+        "A paragraph of a very long manual about databases and their indexes. " * 40 + "\n\n"
+    ) * 3700
+    assert len(huge) > 10_000_000
+    await db.execute("UPDATE pages SET body = %s WHERE id = 2", (huge,))
+    await watch(db, "pages", "body", model="all-minilm-l6-v2", chunking={"max_chunks": 20})
+    caplog.set_level(logging.WARNING)
+    worker = await drain(db_url, minilm)
+    rows = await fetch(db, "SELECT count(*) FROM pages_chunks WHERE source_id = 2")
+    assert rows == [(20,)]  # the cap, stored and searchable
+    assert "passages past the cap of 20" in caplog.text
+    dropped = sum(
+        sample.value
+        for metric in worker.metrics.registry.collect()
+        for sample in metric.samples
+        if sample.name == "autoembed_chunks_dropped_total"
+    )
+    assert dropped > 1000  # counted, reported

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 32  # prefix read per token the model takes (a token is ~4 chars of prose)
 EMBED_CHUNK = 64  # texts per inference call: the unit of progress, priority and shutdown
 SUMMARY_MAX_CHARS = 200_000  # what a prompt may hold of a row's text
+CHUNKED_ROWS = 8  # rows of a chunked watch read (whole) and cut at a time
 
 
 def backoff(settings: Settings, attempts: int) -> float:
@@ -323,6 +324,15 @@ class Lanes:
     async def _chunk_watch(
         self, batch: Batch, watch: Watch, emb: Embedder, jobs: list[Job]
     ) -> None:
+        """Rows of a chunked watch, a few at a time: each is read whole (a document may be
+        megabytes), so memory stays bounded whatever the claim."""
+        for start in range(0, len(jobs), CHUNKED_ROWS):
+            if self.stop.is_set():
+                await self.release(batch, batch.jobs())
+                return
+            await self._chunk_rows(batch, watch, emb, jobs[start : start + CHUNKED_ROWS])
+
+    async def _chunk_rows(self, batch: Batch, watch: Watch, emb: Embedder, jobs: list[Job]) -> None:
         """Cut each row into passages, embed the passages that are new (a passage already
         stored, found by its hash, keeps its vector), and store each row's passages as a
         whole, row by row as their vectors are done."""
