@@ -935,6 +935,18 @@ BEGIN
                                                  'used by the template') END;
     ELSE
         opts := autoembed._chunk_options(watch.chunking);
+        -- against the model's window (the defaults: 256 tokens capped by it, no overlap)
+        IF coalesce((opts->>'chunk_tokens')::int, 0) > coalesce(m.max_tokens, 512) - 2 THEN
+            RAISE EXCEPTION 'autoembed: chunk_tokens (%) must be at most %: model % reads % tokens, 2 of them special',
+                opts->>'chunk_tokens', coalesce(m.max_tokens, 512) - 2, m.name, coalesce(m.max_tokens, 512)
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        IF coalesce((opts->>'chunk_overlap')::int, 0)
+           >= coalesce((opts->>'chunk_tokens')::int, least(256, coalesce(m.max_tokens, 512) - 2)) THEN
+            RAISE EXCEPTION 'autoembed: chunk_overlap (%) must be less than the passages'' % tokens',
+                opts->>'chunk_overlap', coalesce((opts->>'chunk_tokens')::int, least(256, coalesce(m.max_tokens, 512) - 2))
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
         IF watch.template IS NOT NULL AND NOT ('chunk' = ANY (autoembed._template_columns(watch.template))) THEN
             RAISE EXCEPTION 'autoembed: the template of a chunked watch must place the passage: {chunk}'
                 USING HINT = 'For example: ''{title}\n\n{chunk}''.', ERRCODE = 'invalid_parameter_value';

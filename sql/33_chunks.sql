@@ -20,8 +20,8 @@
 -- a foreign key would make the application's TRUNCATE fail, and its key type changes).
 -- Row-level security: a passage is visible to whoever can see its source row.
 
--- The options of a chunked watch, checked: chunk_tokens (the model's window by default,
--- capped by it), chunk_overlap, splitter (markdown, paragraph, sentence, word), max_chunks
+-- The options of a chunked watch, checked: chunk_tokens (256 by default, capped by the
+-- model's window), chunk_overlap (0), splitter (markdown, paragraph, sentence, word), max_chunks
 -- (per row; the rest is counted and reported), and table (the chunk table's name, not kept
 -- in the options).
 CREATE OR REPLACE FUNCTION autoembed._chunk_options(given jsonb)

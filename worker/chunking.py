@@ -51,8 +51,10 @@ SYMBOL = 9  # no whitespace, but another word: punctuation, CJK characters
 TOKEN = 10  # inside a word
 _FLOOR = {"markdown": 0, "paragraph": PARAGRAPH, "sentence": SENTENCE, "word": WORD}
 
-DEFAULT_CHUNK_TOKENS = 256  # capped by the model's window (see docs/drafts/chunking.md)
-DEFAULT_CHUNK_OVERLAP = 32
+# Measured (benchmarks/bench_chunking.py, docs/drafts/chunking.md): 128-token chunks found
+# no more pages than 256-token ones, with 1.8x the chunks; overlap added chunks, not hits
+DEFAULT_CHUNK_TOKENS = 256  # capped by the model's window
+DEFAULT_CHUNK_OVERLAP = 0
 DEFAULT_MAX_CHUNKS = 2000
 MIN_CHUNK_TOKENS = 16
 PIECE_CHARS = 32_768  # the most text tokenized at once

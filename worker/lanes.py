@@ -22,7 +22,7 @@ import numpy as np
 from .chunking import Chunker, ChunkOptions, text_hash
 from .config import Settings
 from .engine import Embedder
-from .errors import AutoembedError, LLMModelMissing, PromptError
+from .errors import AutoembedError, ConfigError, LLMModelMissing, PromptError
 from .gate import Gate
 from .metrics import Metrics
 from .outcomes import Outcome, classify
@@ -342,10 +342,15 @@ class Lanes:
         jobs = await self.end_rows(batch, watch, jobs, rows)
         have = await self.queue.chunk_hashes(watch, lane, [j.pk for j in jobs])
         plans: dict[str, tuple[list[Passage], list[str]]] = {}
-        for job in jobs:
-            passages, inputs, dropped = await asyncio.to_thread(
-                self._passages, watch, chunker, rows.get(job.pk)
-            )
+        for job in list(jobs):
+            try:
+                passages, inputs, dropped = await asyncio.to_thread(
+                    self._passages, watch, chunker, rows.get(job.pk)
+                )
+            except ConfigError as exc:  # this row's template leaves no room for a passage
+                await self.fail(batch, [job], str(exc), final=True)
+                jobs.remove(job)
+                continue
             if dropped:
                 self.metrics.chunks_dropped.labels(watch.label).inc(dropped)
                 log.warning(
