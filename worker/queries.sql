@@ -157,3 +157,11 @@ SELECT name, started_at,
   FROM autoembed.workers
  WHERE seen_at > pg_catalog.now() - interval '5 minutes'
  ORDER BY name
+
+-- name: invalid_indexes
+SELECT i.indexrelid::pg_catalog.regclass::pg_catalog.text
+  FROM pg_catalog.pg_index i
+  JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+  JOIN autoembed.watches w ON i.indrelid IN (w.source, w.chunk_table, w.next_chunk_table)
+ WHERE w.id = %(watch)s AND NOT i.indisvalid
+   AND c.relname ~ ('_w' || w.id || '_(hnsw|fts|meta)$')

@@ -30,6 +30,7 @@ from contextlib import suppress
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from .config import Settings
@@ -89,6 +90,7 @@ class Worker:
         self._next_due: float | None = None
         self._bar: Any = None
         self._side_jobs: set[asyncio.Task[Any]] = set()
+        self._index_work: set[int] = set()  # watches whose index or model change is under way
         self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             self.url,
             min_size=1,
@@ -728,23 +730,32 @@ class Worker:
     async def _indexes_and_migrations(self) -> None:
         """Deferred HNSW indexes are built once a watch's backfill is done (whatever fresh
         work arrives meanwhile); a model change is finished once its new vectors cover
-        every row and their index is built."""
+        every row and their index is built. One at a time per watch, whoever asks."""
         for w in list(self.watches.values()):
-            if w.trouble or any(t.get_name() == f"index {w.id}" for t in self._side_jobs):
+            if w.trouble or w.id in self._index_work:
                 continue
-            if w.next_model and await self.queue.left(w.id, "next", backfill_only=False) == 0:
-                self._side(self._finish_migration(w), f"index {w.id}")
-            elif (
-                not w.next_model
-                and w.index_state == "deferred"
-                and await self.queue.left(w.id, "embed", backfill_only=True) == 0
-            ):
-                self._side(self._build_index(w), f"index {w.id}")
+            self._index_work.add(w.id)  # before any await: callers run concurrently
+            started = False
+            try:
+                if w.next_model and await self.queue.left(w.id, "next", backfill_only=False) == 0:
+                    self._side(self._finish_migration(w), w.id)
+                    started = True
+                elif (
+                    not w.next_model
+                    and w.index_state == "deferred"
+                    and await self.queue.left(w.id, "embed", backfill_only=True) == 0
+                ):
+                    self._side(self._build_index(w), w.id)
+                    started = True
+            finally:
+                if not started:
+                    self._index_work.discard(w.id)
 
-    def _side(self, coro: Any, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
+    def _side(self, coro: Any, watch_id: int) -> None:
+        task = asyncio.create_task(coro, name=f"index {watch_id}")
         self._side_jobs.add(task)
         task.add_done_callback(self._side_jobs.discard)
+        task.add_done_callback(lambda _t: self._index_work.discard(watch_id))
 
     async def _build_index(self, w: Watch) -> bool:
         """CREATE INDEX CONCURRENTLY (outside any transaction, writes go on) of each index
@@ -760,6 +771,13 @@ class Worker:
                     "false)",
                     (s.index_memory,),
                 )
+                # what a build cut short (a killed worker) left: an invalid index of our name
+                cur = await conn.execute(q("invalid_indexes"), {"watch": w.id})
+                for (name,) in await cur.fetchall():
+                    log.info("dropping %s, left invalid by a build cut short", name)
+                    await conn.execute(
+                        sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.SQL(name))
+                    )
                 for _ in range(3):  # vectors, text, metadata
                     cur = await conn.execute("SELECT autoembed.index_sql(%s, true)", (w.id,))
                     row = await cur.fetchone()
@@ -787,10 +805,11 @@ class Worker:
             if self.index_problems.get(w.id) != why:
                 log.error(
                     "cannot build the HNSW index of %s (%s): search scans the table until it "
-                    "exists; build it as the table's owner with `autoembed index %s`",
+                    "exists; the table's owner can build it with the statement "
+                    "`SELECT autoembed.index_sql(%d)` gives",
                     w.label,
                     why,
-                    f"{w.schema}.{w.table_name}",
+                    w.id,
                     extra={"watch": w.id, "action": "index_failed"},
                 )
             self.index_problems[w.id] = why
