@@ -54,6 +54,53 @@ BEGIN
 END
 $$;
 
+-- A SELECT of a search function (with its ORDER BY and LIMIT) whose WHERE clause holds the
+-- placeholder @FILTER@, made into two branches of a UNION ALL: one without the metadata
+-- clause, run when the filter is empty, and one with it, run otherwise. The branch's gate
+-- refers to the arguments only, so the executor runs one branch and skips the other, and
+-- the planner plans each for what it does: the unfiltered nearest-row search uses the
+-- HNSW index, rather than a scan of the metadata index that every row passes ('{}').
+-- `filter_arg` is the argument's position ($4), which no column name can shadow.
+CREATE OR REPLACE FUNCTION autoembed._filtered(query text, meta text, filter_arg text)
+RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('(%s) UNION ALL (%s)',
+                  replace(query, '@FILTER@',
+                          format('(%1$s IS NULL OR %1$s OPERATOR(pg_catalog.=) ''{}''::pg_catalog.jsonb)',
+                                 filter_arg)),
+                  replace(query, '@FILTER@',
+                          format('%1$s IS NOT NULL AND %1$s OPERATOR(pg_catalog.<>) ''{}''::pg_catalog.jsonb'
+                                 ' AND %2$s OPERATOR(pg_catalog.@>) %1$s', filter_arg, meta)))
+$$;
+
+-- The same for each region of a statement marked /*<filtered*/ ... /*filtered>*/.
+CREATE OR REPLACE FUNCTION autoembed._filter_regions(statement text, meta text, filter_arg text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    open_at integer;
+    close_at integer;
+BEGIN
+    LOOP
+        open_at := strpos(statement, '/*<filtered*/');
+        EXIT WHEN open_at = 0;
+        close_at := strpos(statement, '/*filtered>*/');
+        IF close_at < open_at THEN
+            RAISE EXCEPTION 'autoembed: unbalanced filtered region in a search function';
+        END IF;
+        statement := substr(statement, 1, open_at - 1)
+                     || autoembed._filtered(substr(statement, open_at + 13, close_at - open_at - 13),
+                                            meta, filter_arg)
+                     || substr(statement, close_at + 13);
+    END LOOP;
+    RETURN statement;
+END
+$$;
+
 -- Create (or replace) the search functions of a watch; returns them.
 CREATE OR REPLACE FUNCTION autoembed._search_functions(watch_id integer, match_name name)
 RETURNS regprocedure[]
@@ -89,21 +136,22 @@ BEGIN
            LANGUAGE sql STABLE SECURITY INVOKER PARALLEL SAFE
            SET search_path = pg_catalog, pg_temp %5$s
            AS $body$
-               WITH hits AS MATERIALIZED (
-                   SELECT %6$s AS id, %7$s AS content, %8$s AS metadata, %9$s AS distance
-                     FROM %10$s AS t
-                    WHERE %9$s OPERATOR(pg_catalog.<) (1::double precision OPERATOR(pg_catalog.-) match_threshold)
-                      AND %8$s OPERATOR(pg_catalog.@>) coalesce(filter, '{}'::pg_catalog.jsonb)
-                      AND %11$s
-                    ORDER BY %9$s
-                    LIMIT match_count)
+               WITH hits AS MATERIALIZED (%6$s)
                SELECT h.id, h.content, h.metadata,
                       1::double precision OPERATOR(pg_catalog.-) h.distance
                  FROM hits AS h
                 ORDER BY h.distance
            $body$$f$,
-        rel_schema, match_name, vschema, p.pk_type, iterative, p.pk, p.content, p.meta,
-        p.distance, w.source, p.guard);
+        rel_schema, match_name, vschema, p.pk_type, iterative,
+        autoembed._filtered(format(
+            $q$SELECT %1$s AS id, %2$s AS content, %3$s AS metadata, %4$s AS distance
+                 FROM %5$s AS t
+                WHERE %4$s OPERATOR(pg_catalog.<) (1::double precision OPERATOR(pg_catalog.-) match_threshold)
+                  AND @FILTER@
+                  AND %6$s
+                ORDER BY %4$s
+                LIMIT match_count$q$,
+            p.pk, p.content, p.meta, p.distance, w.source, p.guard), p.meta, '$4'));
     fn := autoembed._replace_function(w.id, statement,
                                       CASE WHEN (SELECT proname FROM pg_proc WHERE oid = w.match_function::oid)
                                                 = match_name THEN w.match_function END,
@@ -134,29 +182,17 @@ BEGIN
                WITH q AS (SELECT pg_catalog.websearch_to_tsquery(%12$s, query_text) AS tsq),
                full_text AS MATERIALIZED (
                    SELECT x.id, pg_catalog.row_number() OVER (ORDER BY x.rank DESC) AS rank_ix
-                     FROM (SELECT %6$s AS id,
-                                  pg_catalog.ts_rank_cd(%13$s, q.tsq) AS rank
-                             FROM %10$s AS t, q
-                            WHERE %13$s OPERATOR(pg_catalog.@@) q.tsq
-                              AND %8$s OPERATOR(pg_catalog.@>) coalesce(filter, '{}'::pg_catalog.jsonb)
-                              AND %11$s
-                            ORDER BY 2 DESC
-                            LIMIT match_count OPERATOR(pg_catalog.*) 2) AS x),
+                     FROM (%14$s) AS x),
                semantic AS MATERIALIZED (
                    SELECT x.id, pg_catalog.row_number() OVER (ORDER BY x.distance) AS rank_ix
-                     FROM (SELECT %6$s AS id, %9$s AS distance
-                             FROM %10$s AS t
-                            WHERE %8$s OPERATOR(pg_catalog.@>) coalesce(filter, '{}'::pg_catalog.jsonb)
-                              AND %11$s
-                            ORDER BY %9$s
-                            LIMIT match_count OPERATOR(pg_catalog.*) 2) AS x),
+                     FROM (%15$s) AS x),
                fused AS (
                    SELECT coalesce(f.id, s.id) AS id,
-                          coalesce(1::double precision OPERATOR(pg_catalog./) (rrf_k OPERATOR(pg_catalog.+) f.rank_ix), 0)
-                              OPERATOR(pg_catalog.*) full_text_weight
+                          (coalesce(1::double precision OPERATOR(pg_catalog./) (rrf_k OPERATOR(pg_catalog.+) f.rank_ix), 0)
+                              OPERATOR(pg_catalog.*) full_text_weight)
                           OPERATOR(pg_catalog.+)
-                          coalesce(1::double precision OPERATOR(pg_catalog./) (rrf_k OPERATOR(pg_catalog.+) s.rank_ix), 0)
-                              OPERATOR(pg_catalog.*) semantic_weight AS score
+                          (coalesce(1::double precision OPERATOR(pg_catalog./) (rrf_k OPERATOR(pg_catalog.+) s.rank_ix), 0)
+                              OPERATOR(pg_catalog.*) semantic_weight) AS score
                      FROM full_text AS f FULL JOIN semantic AS s ON f.id OPERATOR(pg_catalog.=) s.id)
                SELECT %6$s, %7$s, %8$s,
                       1::double precision OPERATOR(pg_catalog.-) %9$s, fused.score
@@ -165,7 +201,24 @@ BEGIN
                 LIMIT match_count
            $body$$f$,
         rel_schema, hybrid_name, vschema, p.pk_type, iterative, p.pk, p.content, p.meta,
-        p.distance, w.source, p.guard, p.cfg, p.tsv);
+        p.distance, w.source, p.guard, p.cfg, p.tsv,
+        autoembed._filtered(format(
+            $q$SELECT %1$s AS id, pg_catalog.ts_rank_cd(%2$s, q.tsq) AS rank
+                 FROM %3$s AS t, q
+                WHERE %2$s OPERATOR(pg_catalog.@@) q.tsq
+                  AND @FILTER@
+                  AND %4$s
+                ORDER BY 2 DESC
+                LIMIT match_count OPERATOR(pg_catalog.*) 2$q$,
+            p.pk, p.tsv, w.source, p.guard), p.meta, '$7'),
+        autoembed._filtered(format(
+            $q$SELECT %1$s AS id, %2$s AS distance
+                 FROM %3$s AS t
+                WHERE @FILTER@
+                  AND %4$s
+                ORDER BY %2$s
+                LIMIT match_count OPERATOR(pg_catalog.*) 2$q$,
+            p.pk, p.distance, w.source, p.guard), p.meta, '$7'));
     fn := autoembed._replace_function(w.id, statement, existing, rel_schema, hybrid_name);
     EXECUTE format('COMMENT ON FUNCTION %s IS %L', fn,
                    format('autoembed: hybrid (full text + vector, reciprocal rank fusion) search of %s',

@@ -480,18 +480,19 @@ BEGIN
            LANGUAGE sql STABLE SECURITY INVOKER PARALLEL SAFE
            SET search_path = pg_catalog, pg_temp %5$s
            AS $body$
-               WITH hits AS MATERIALIZED (
+               WITH hits AS MATERIALIZED (/*<filtered*/
                    SELECT c.source_id AS id, c.chunk_index, c.content, %6$s AS metadata, %7$s AS distance
                      FROM %8$s AS c JOIN %9$s AS t ON %10$s OPERATOR(pg_catalog.=) c.source_id
                     WHERE %7$s OPERATOR(pg_catalog.<) (1::double precision OPERATOR(pg_catalog.-) match_threshold)
-                      AND %6$s OPERATOR(pg_catalog.@>) coalesce(filter, '{}'::pg_catalog.jsonb)
+                      AND @FILTER@
                     ORDER BY %7$s
-                    LIMIT match_count)
+                    LIMIT match_count/*filtered>*/)
                SELECT h.id, h.chunk_index, h.content, h.metadata,
                       1::double precision OPERATOR(pg_catalog.-) h.distance
                  FROM hits AS h ORDER BY h.distance
            $body$$f$,
         rel_schema, names[2], vschema, pk_type, iterative, meta, distance, chunks, w.source, pk);
+    statement := autoembed._filter_regions(statement, meta, '$4');
     SELECT f INTO existing FROM unnest(w.functions) AS f
      WHERE EXISTS (SELECT FROM pg_proc x WHERE x.oid = f::oid AND x.proname = names[2]);
     created := created || autoembed._replace_function(w.id, statement, existing, rel_schema, names[2]);
@@ -508,13 +509,13 @@ BEGIN
            LANGUAGE sql STABLE SECURITY INVOKER PARALLEL SAFE
            SET search_path = pg_catalog, pg_temp %5$s
            AS $body$
-               WITH hits AS MATERIALIZED (
+               WITH hits AS MATERIALIZED (/*<filtered*/
                    SELECT c.source_id AS id, c.chunk_index, c.content, %6$s AS metadata, %7$s AS distance
                      FROM %8$s AS c JOIN %9$s AS t ON %10$s OPERATOR(pg_catalog.=) c.source_id
                     WHERE %7$s OPERATOR(pg_catalog.<) (1::double precision OPERATOR(pg_catalog.-) match_threshold)
-                      AND %6$s OPERATOR(pg_catalog.@>) coalesce(filter, '{}'::pg_catalog.jsonb)
+                      AND @FILTER@
                     ORDER BY %7$s
-                    LIMIT least(coalesce(match_count, 1000) OPERATOR(pg_catalog.*) 8, 10000)),
+                    LIMIT least(coalesce(match_count, 1000) OPERATOR(pg_catalog.*) 8, 10000)/*filtered>*/),
                best AS (
                    SELECT DISTINCT ON (h.id) h.id, h.content, h.metadata, h.distance, h.chunk_index
                      FROM hits AS h ORDER BY h.id, h.distance)
@@ -523,6 +524,7 @@ BEGIN
                  FROM best AS b ORDER BY b.distance LIMIT match_count
            $body$$f$,
         rel_schema, names[1], vschema, pk_type, iterative, meta, distance, chunks, w.source, pk);
+    statement := autoembed._filter_regions(statement, meta, '$4');
     created := created || autoembed._replace_function(
         w.id, statement,
         CASE WHEN (SELECT proname FROM pg_proc WHERE oid = w.match_function::oid) = names[1]
@@ -548,42 +550,43 @@ BEGIN
                full_text AS MATERIALIZED (
                    SELECT x.id, x.chunk_index, x.content, x.metadata, x.distance,
                           pg_catalog.row_number() OVER (ORDER BY x.rank DESC) AS rank_ix
-                     FROM (SELECT DISTINCT ON (y.id) y.* FROM (
+                     FROM (SELECT DISTINCT ON (y.id) y.* FROM (/*<filtered*/
                              SELECT c.source_id AS id, c.chunk_index, c.content, %6$s AS metadata,
                                     %7$s AS distance,
                                     pg_catalog.ts_rank_cd(pg_catalog.to_tsvector(%11$s, c.content), q.tsq) AS rank
                                FROM %8$s AS c JOIN %9$s AS t ON %10$s OPERATOR(pg_catalog.=) c.source_id, q
                               WHERE pg_catalog.to_tsvector(%11$s, c.content) OPERATOR(pg_catalog.@@) q.tsq
-                                AND %6$s OPERATOR(pg_catalog.@>) coalesce(filter, '{}'::pg_catalog.jsonb)
+                                AND @FILTER@
                               ORDER BY rank DESC
-                              LIMIT match_count OPERATOR(pg_catalog.*) 8) AS y
+                              LIMIT match_count OPERATOR(pg_catalog.*) 8/*filtered>*/) AS y
                            ORDER BY y.id, y.rank DESC) AS x
                     ORDER BY x.rank DESC LIMIT match_count OPERATOR(pg_catalog.*) 2),
                semantic AS MATERIALIZED (
                    SELECT x.id, x.chunk_index, x.content, x.metadata, x.distance,
                           pg_catalog.row_number() OVER (ORDER BY x.distance) AS rank_ix
-                     FROM (SELECT DISTINCT ON (y.id) y.* FROM (
+                     FROM (SELECT DISTINCT ON (y.id) y.* FROM (/*<filtered*/
                              SELECT c.source_id AS id, c.chunk_index, c.content, %6$s AS metadata,
                                     %7$s AS distance
                                FROM %8$s AS c JOIN %9$s AS t ON %10$s OPERATOR(pg_catalog.=) c.source_id
-                              WHERE %6$s OPERATOR(pg_catalog.@>) coalesce(filter, '{}'::pg_catalog.jsonb)
+                              WHERE @FILTER@
                               ORDER BY %7$s
-                              LIMIT match_count OPERATOR(pg_catalog.*) 8) AS y
+                              LIMIT match_count OPERATOR(pg_catalog.*) 8/*filtered>*/) AS y
                            ORDER BY y.id, y.distance) AS x
                     ORDER BY x.distance LIMIT match_count OPERATOR(pg_catalog.*) 2)
                SELECT coalesce(s.id, f.id), coalesce(s.content, f.content), coalesce(s.metadata, f.metadata),
                       1::double precision OPERATOR(pg_catalog.-) coalesce(s.distance, f.distance),
-                      coalesce(1::double precision OPERATOR(pg_catalog./) (rrf_k OPERATOR(pg_catalog.+) f.rank_ix), 0)
-                          OPERATOR(pg_catalog.*) full_text_weight
+                      (coalesce(1::double precision OPERATOR(pg_catalog./) (rrf_k OPERATOR(pg_catalog.+) f.rank_ix), 0)
+                          OPERATOR(pg_catalog.*) full_text_weight)
                       OPERATOR(pg_catalog.+)
-                      coalesce(1::double precision OPERATOR(pg_catalog./) (rrf_k OPERATOR(pg_catalog.+) s.rank_ix), 0)
-                          OPERATOR(pg_catalog.*) semantic_weight AS score,
+                      (coalesce(1::double precision OPERATOR(pg_catalog./) (rrf_k OPERATOR(pg_catalog.+) s.rank_ix), 0)
+                          OPERATOR(pg_catalog.*) semantic_weight) AS score,
                       coalesce(s.chunk_index, f.chunk_index)
                  FROM full_text AS f FULL JOIN semantic AS s ON f.id OPERATOR(pg_catalog.=) s.id
                 ORDER BY score DESC, 1
                 LIMIT match_count
            $body$$f$,
         rel_schema, names[3], vschema, pk_type, iterative, meta, distance, chunks, w.source, pk, cfg);
+    statement := autoembed._filter_regions(statement, meta, '$7');
     SELECT f INTO existing FROM unnest(w.functions) AS f
      WHERE EXISTS (SELECT FROM pg_proc x WHERE x.oid = f::oid AND x.proname = names[3]);
     created := created || autoembed._replace_function(w.id, statement, existing, rel_schema, names[3]);

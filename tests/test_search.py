@@ -67,6 +67,60 @@ async def test_hybrid_finds_exact_identifiers_that_vectors_miss(
     assert rescued >= 5
 
 
+async def test_hybrid_weights_and_rrf_k_mean_what_supabase_says(
+    db: Any, db_url: str, minilm: Embedder
+) -> None:
+    """score = full_text_weight / (rrf_k + full-text rank) + semantic_weight / (rrf_k +
+    vector rank): each side alone, the weights, and the constant, checked against the two
+    sides computed apart."""
+    await load_passages(db)
+    await drain(db_url, minilm)
+    item = IDENTIFIERS[0]
+    text, q = item["identifier"], minilm.embed([item["identifier"]])[0]
+    semantic = [r[0] for r in await fetch(db, "SELECT id FROM match_passages(%s, -1, 20)", q)]
+    text_only = await fetch(
+        db, "SELECT id, score FROM hybrid_passages(%s, %s, 20, 1, 0, 50)", text, q
+    )
+    found = [i for i, score in text_only if score > 0]
+    assert found and found[0] == item["passage"]  # the full-text side alone finds it first
+    for rank, (_, score) in enumerate(text_only[: len(found)], start=1):
+        assert score == pytest.approx(1 / (50 + rank))
+    vector_only = await fetch(
+        db, "SELECT id, score FROM hybrid_passages(%s, %s, 20, 0, 1, 50)", text, q
+    )
+    assert [i for i, _ in vector_only] == semantic
+    assert vector_only[0][1] == pytest.approx(1 / 51)
+    weighted = dict(
+        await fetch(db, "SELECT id, score FROM hybrid_passages(%s, %s, 20, 3, 0.5, 10)", text, q)
+    )
+    for pid, score in weighted.items():
+        t = 3 / (10 + found.index(pid) + 1) if pid in found else 0.0
+        v = 0.5 / (10 + semantic.index(pid) + 1) if pid in semantic else 0.0
+        assert score == pytest.approx(t + v), pid
+
+
+async def test_migrate_remakes_the_functions_of_existing_watches(
+    db: Any, db_url: str, minilm: Embedder
+) -> None:
+    """An upgrade's fixes to the search functions reach watches made before it."""
+    from autoembed.migrate import migrate
+
+    await load_passages(db)
+    await drain(db_url, minilm)
+    await db.execute(
+        "CREATE OR REPLACE FUNCTION match_passages(query_embedding vector, "
+        "match_threshold double precision DEFAULT -1, match_count integer DEFAULT NULL, "
+        "filter jsonb DEFAULT '{}') RETURNS TABLE (id bigint, content text, metadata jsonb, "
+        "similarity double precision) LANGUAGE sql "
+        "AS 'SELECT NULL::bigint, NULL::text, NULL::jsonb, NULL::float8 WHERE false'"
+    )
+    q = minilm.embed(["how do I back up a database"])[0]
+    assert await fetch(db, "SELECT id FROM match_passages(%s, -1, 3)", q) == []
+    report = await migrate(db_url)
+    assert report.refreshed == ["passages"] and report.not_refreshed == []
+    assert len(await fetch(db, "SELECT id FROM match_passages(%s, -1, 3)", q)) == 3
+
+
 async def test_filters_inside_the_nearest_neighbour_search(
     db: Any, db_url: str, minilm: Embedder
 ) -> None:

@@ -374,6 +374,10 @@ async def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     else:
         print(f"schema up to date ({len(report.already)} migration(s) applied earlier)")
     print(f"re-applied {len(report.repeatable)} definition file(s) from sql/")
+    if report.refreshed:
+        print(f"re-made the functions of {len(report.refreshed)} watch(es)")
+    for line in report.not_refreshed:
+        print(f"not refreshed: {line}", file=sys.stderr)
     return 0
 
 

@@ -34,6 +34,8 @@ class MigrateReport:
     applied: list[str] = field(default_factory=list)
     already: list[str] = field(default_factory=list)
     repeatable: list[str] = field(default_factory=list)
+    refreshed: list[str] = field(default_factory=list)
+    not_refreshed: list[str] = field(default_factory=list)
 
 
 def checksum(path: Path) -> str:
@@ -109,12 +111,34 @@ async def migrate_connection(
             for path in repeatable_files(root):
                 await _run_file(conn, path)
                 report.repeatable.append(path.stem)
+            await _refresh_watches(conn, report)
     except MigrationError:
         raise
     except psycopg.Error as exc:
         raise MigrationError(f"migration failed, nothing was changed: {describe(exc)}") from exc
     await configure(conn)
     return report
+
+
+async def _refresh_watches(conn: psycopg.AsyncConnection[Any], report: MigrateReport) -> None:
+    """Re-make every watch's accessors and search functions from the definitions just
+    applied, so that an upgrade's fixes reach the watches made before it. A watch that
+    cannot be served (its table changed) is left as it is and named; one that fails is
+    named with its error and the others go on."""
+    cur = await conn.execute("SELECT id, source::text FROM autoembed.watches ORDER BY id")
+    for watch_id, source in await cur.fetchall():
+        try:
+            async with conn.transaction():
+                cur = await conn.execute("SELECT autoembed.refresh(%s)", (watch_id,))
+                row = await cur.fetchone()
+        except psycopg.Error as exc:
+            log.warning("watch %s (%s) was not refreshed: %s", watch_id, source, describe(exc))
+            report.not_refreshed.append(f"{source}: {describe(exc)}")
+            continue
+        if row is not None and row[0] is not None:
+            report.not_refreshed.append(f"{source}: {row[0]}")
+        else:
+            report.refreshed.append(source)
 
 
 async def migrate(url: str, root: Path | None = None) -> MigrateReport:
