@@ -224,3 +224,42 @@ def test_a_cluster_without_a_password_is_refused(open_dir: Path) -> None:
     with pytest.raises(DatabaseError, match="not created with a password"):
         pg.start()
     assert pg.runtime is None  # a failed first start leaves nothing behind
+
+
+def test_the_server_does_not_outlive_a_process_killed_with_9() -> None:
+    """A test run killed by a timeout, a demo killed with -9: the watchdog stops the server
+    and removes its private directory."""
+    import signal
+    import time
+
+    program = (
+        "import sys\n"
+        "from autoembed.pgserver import EmbeddedPostgres\n"
+        "pg = EmbeddedPostgres().start()\n"
+        "pid = (pg.data_dir / 'postmaster.pid').read_text().split()[0]\n"
+        "print(pid, pg.runtime, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", program],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        assert child.stdout is not None
+        pid_text, runtime = child.stdout.readline().split()
+        postmaster = int(pid_text)
+        os.kill(postmaster, 0)  # running
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    deadline = time.monotonic() + 120  # an event (the server gone), with a generous cap
+    while True:
+        try:
+            os.kill(postmaster, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the server outlived its process"
+        time.sleep(0.05)
+    while Path(runtime).exists():
+        assert time.monotonic() < deadline, f"{runtime} was left behind"
+        time.sleep(0.05)

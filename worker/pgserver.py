@@ -14,6 +14,9 @@ is given. What it promises:
   binaries run in place when that user can already reach them, and otherwise from a private
   copy (hard links where the files are world-readable) inside the class's own directory. A
   ``data_dir`` that user cannot reach is refused, not opened up.
+- The server does not outlive the process that started it, even one killed with -9 or by
+  a test runner's timeout: a watchdog shell waits on a pipe that only this process holds,
+  and when the pipe closes, stops the server and removes the private directory.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class EmbeddedPostgres:
         self.runtime: Path | None = None  # private: socket, password file, binaries if copied
         self.password: str | None = None
         self._made_dirs: list[Path] = []
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._watchdog_pipe: int | None = None
 
     # ------------------------------------------------------------------ addresses
 
@@ -359,8 +364,50 @@ class EmbeddedPostgres:
             raise
         return self
 
+    def _watch_parent(self) -> None:
+        """Start the watchdog: a shell, in a session of its own (a terminal's or a test
+        runner's signal to this process group leaves it be), reading a pipe whose write end
+        only this process holds (not inherited by its children). At end of file, when this
+        process has exited however it exited, it stops the server at once and removes the
+        private directory; after :meth:`cleanup` there is nothing left for it to do."""
+        assert self.runtime is not None
+        read_end, write_end = os.pipe()
+        script = 'cat >/dev/null; "$1" -D "$2" -m immediate -w stop >/dev/null 2>&1; rm -rf "$3"'
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        try:
+            self._watchdog = subprocess.Popen(  # type: ignore[call-overload]
+                ["/bin/sh", "-c", script, "autoembed-pg-watchdog",
+                 str(self.bin / "pg_ctl"), str(self.data_dir), str(self.runtime)],
+                stdin=read_end,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                cwd="/",
+                env=env,
+                start_new_session=True,
+                **self._as_account(),
+            )  # fmt: skip
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        self._watchdog_pipe = write_end
+
+    def _end_watchdog(self) -> None:
+        if self._watchdog_pipe is not None:
+            os.close(self._watchdog_pipe)
+            self._watchdog_pipe = None
+        if self._watchdog is not None:
+            try:
+                self._watchdog.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+            self._watchdog = None
+
     def _start(self) -> None:
         self.init()
+        if self._watchdog is None:
+            self._watch_parent()
         assert self.runtime is not None
         started = time.perf_counter()
         options = (
@@ -394,6 +441,7 @@ class EmbeddedPostgres:
         if self.runtime is not None:
             shutil.rmtree(self.runtime, ignore_errors=True)
             self.runtime = None
+        self._end_watchdog()
 
     def __enter__(self) -> EmbeddedPostgres:
         return self.start()
