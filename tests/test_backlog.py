@@ -214,3 +214,93 @@ async def test_gate_passes_a_cancelled_turn_on() -> None:
     await asyncio.wait_for(other, 5)  # the cancelled waiter did not keep the turn
     gate._release()
     assert not gate._busy
+
+
+async def test_a_heartbeat_never_makes_a_write_skip_its_own_jobs(db: Any, db_url: str) -> None:
+    """The heartbeat renews leases by locking the job rows for a moment; a write's fence,
+    which skips rows that another transaction holds (the application queueing them
+    again), must not take the heartbeat's lock for a takeover and leave its own jobs
+    unwritten until their lease runs out. Here the heartbeat holds its row locks until the
+    test lets it go."""
+    from autoembed import queue as queue_module
+    from autoembed.db import configure_worker, connect, reset_worker
+    from autoembed.queue import Claims, Queue
+    from psycopg import sql
+    from psycopg_pool import AsyncConnectionPool
+
+    await make_documents(db)
+    await db.execute(
+        "INSERT INTO documents (content) SELECT 'text ' || i FROM generate_series(1, 20) i"
+    )
+    await watch_documents(db)
+    shipped = queue_module.q
+
+    def held_heartbeat(name: str) -> sql.SQL:
+        statement = shipped(name)
+        if name != "heartbeat":
+            return statement
+        # every renewal done, then wait (row locks held) for the test's advisory lock
+        return sql.SQL(
+            "WITH h AS ({}), c AS (SELECT pg_catalog.array_agg(h.id) AS ids FROM h) "
+            "SELECT pg_catalog.unnest(c.ids) FROM c WHERE c.ids IS NOT NULL AND "
+            "(SELECT 1 FROM pg_catalog.pg_advisory_xact_lock(4242 + 0 * "
+            "pg_catalog.cardinality(c.ids))) = 1"
+        ).format(statement)
+
+    holder = await connect(db_url)
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url,
+        min_size=2,
+        max_size=4,
+        kwargs={"autocommit": True},
+        configure=configure_worker,
+        reset=reset_worker,
+        open=False,
+    )
+    await pool.open()
+    try:
+        queue = Queue(pool, "test-worker")
+        watches = await queue.watches()
+        (w,) = watches.values()
+        jobs = await queue.claim("embed", "backfill", [w.id], 20, 60.0)
+        assert len(jobs) == 20
+        rows = await queue.read(w, "embed", [j.pk for j in jobs])
+        claims = Claims()
+        claims.add(jobs)
+        queue_module.q = held_heartbeat  # type: ignore[assignment]
+        await holder.execute("SELECT pg_advisory_lock(4242)")
+        beat = asyncio.create_task(queue.heartbeat(claims, 60.0))
+        await wait_for(
+            lambda: fetch(
+                db,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND wait_event = 'advisory'",
+            )
+        )
+        fenced = asyncio.Event()
+        shipped_fence = queue._fence
+
+        async def fence(*args: Any) -> set[int]:
+            fenced.set()
+            return await shipped_fence(*args)
+
+        queue._fence = fence  # type: ignore[method-assign]
+        vector = np.ones(384, np.float32) / np.sqrt(384)
+        write = asyncio.create_task(
+            queue.finish(w, "embed", jobs, rows, {j.pk: vector for j in jobs})
+        )
+        await fenced.wait()
+        # not a wait for the correct code (which waits for the heartbeat whatever the
+        # time): a moment in which a fence that did not wait would skip every job
+        await asyncio.sleep(0.5)
+        await holder.execute("SELECT pg_advisory_unlock(4242)")
+        lost = await beat
+        out = await write
+        assert lost == set()
+        assert out.lost == [] and sorted(out.written) == sorted(j.pk for j in jobs)
+        left = await fetch(db, "SELECT count(*) FROM autoembed.jobs")
+        assert left == [(0,)]
+    finally:
+        queue_module.q = shipped
+        await holder.close()
+        await pool.close()

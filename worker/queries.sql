@@ -77,10 +77,21 @@ UPDATE autoembed.jobs
  WHERE id = ANY (%(ids)s) AND status = 'running' AND worker = %(worker)s
 
 -- name: heartbeat
-UPDATE autoembed.jobs
+-- rows another transaction holds are skipped, never waited for: a write of this worker is
+-- finishing them (or the application is queueing them again); `not_ours` tells lost ones
+UPDATE autoembed.jobs AS j
    SET leased_until = pg_catalog.now() + pg_catalog.make_interval(secs => %(lease)s)
- WHERE id = ANY (%(ids)s) AND status = 'running' AND worker = %(worker)s
-RETURNING id
+ WHERE j.id IN (SELECT x.id FROM autoembed.jobs x
+                 WHERE x.id = ANY (%(ids)s) AND x.status = 'running' AND x.worker = %(worker)s
+                   FOR UPDATE SKIP LOCKED)
+RETURNING j.id
+
+-- name: not_ours
+-- of these jobs, the ones that still exist but are no longer running under this claim
+-- (taken over after their lease ran out, or queued again); finished ones are gone
+SELECT j.id FROM autoembed.jobs j
+ WHERE j.id = ANY (%(ids)s)
+   AND (j.status <> 'running' OR j.worker IS DISTINCT FROM %(worker)s)
 
 -- name: reap
 UPDATE autoembed.jobs

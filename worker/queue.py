@@ -8,6 +8,7 @@ casts, and needs no privilege on the table.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -204,6 +205,11 @@ class Queue:
         self.pool = pool
         self.worker = worker
         self._claims = 0
+        # the heartbeat's renewal and a write's fence lock the same job rows for a moment;
+        # were they to overlap, the fence would skip its own jobs as if taken over (and
+        # they would wait out their lease). They take turns within this process; other
+        # processes never lock this process's running jobs (the reaper only expired ones).
+        self._job_rows = asyncio.Lock()
 
     async def watches(self) -> dict[int, Watch]:
         async with self.pool.connection() as conn:
@@ -429,9 +435,10 @@ class Queue:
         """Lock the jobs still leased to their claims (skipping any another transaction
         holds: queued again by the application right now), and return their ids."""
         ours: set[int] = set()
-        for token, ids in _by_token(jobs).items():
-            cur = await conn.execute(q("fence"), {"ids": ids, "worker": token})
-            ours.update(r[0] for r in await cur.fetchall())
+        async with self._job_rows:
+            for token, ids in _by_token(jobs).items():
+                cur = await conn.execute(q("fence"), {"ids": ids, "worker": token})
+                ours.update(r[0] for r in await cur.fetchall())
         return ours
 
     @staticmethod
@@ -475,17 +482,22 @@ class Queue:
 
     async def heartbeat(self, claims: Claims, lease: float) -> set[int]:
         """Extend the leases of the jobs still being worked on; returns the ids whose lease
-        is gone (taken over after expiry, or the job queued again)."""
+        is gone (taken over after expiry, or the job queued again). A job finished meanwhile
+        is not lost, nor one a write of this worker holds right now."""
         lost: set[int] = set()
         if not claims:
             return lost
         async with self.pool.connection() as conn:
             for token, ids in list(claims.held.items()):
-                cur = await conn.execute(
-                    q("heartbeat"), {"ids": list(ids), "worker": token, "lease": lease}
-                )
-                kept = {r[0] for r in await cur.fetchall()}
-                lost.update(set(ids) - kept)
+                async with self._job_rows:
+                    cur = await conn.execute(
+                        q("heartbeat"), {"ids": list(ids), "worker": token, "lease": lease}
+                    )
+                    kept = {r[0] for r in await cur.fetchall()}
+                missing = list(set(ids) - kept)
+                if missing:
+                    cur = await conn.execute(q("not_ours"), {"ids": missing, "worker": token})
+                    lost.update(r[0] for r in await cur.fetchall())
         return lost
 
     async def reap(self, max_attempts: int) -> list[tuple[int, str]]:
