@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +43,62 @@ MODEL = "all-minilm-l6-v2"
 
 class NoOp:
     """Returns ready-made unit vectors at once (distinct ones, as real text would give, so
-    the HNSW index does its usual work): what is left is the queue's own cost."""
+    the HNSW index does its usual work): what is left is the queue's own cost. By default
+    it cycles through 4,096 vectors made once; ``distinct=True`` makes new ones from a
+    seeded generator on every call (no two rows share a vector, however many there are)."""
 
-    def __init__(self, dim: int = 384) -> None:
+    def __init__(self, dim: int = 384, *, distinct: bool = False, seed: int = 0) -> None:
         self.dim, self.name, self.max_tokens = dim, "noop", 512
         from autoembed.engine import EmbedStats
 
         self.stats = EmbedStats()
-        v = np.random.default_rng(0).standard_normal((4096, dim)).astype(np.float32)
-        self.vectors = v / np.linalg.norm(v, axis=1, keepdims=True)
+        self.rng = np.random.default_rng(seed)
+        self.distinct = distinct
+        self.vectors = self._unit(4096)
         self.next = 0
 
+    def _unit(self, n: int) -> np.ndarray:
+        v = self.rng.standard_normal((n, self.dim)).astype(np.float32)
+        unit: np.ndarray = v / np.linalg.norm(v, axis=1, keepdims=True)
+        return unit
+
     def embed(self, texts: list[str], **_: Any) -> np.ndarray:
+        if self.distinct:
+            return self._unit(len(texts))
         rows = (self.next + np.arange(len(texts))) % len(self.vectors)
         self.next += len(texts)
         return self.vectors[rows]
+
+    def encode(self, texts: Sequence[str]) -> Any:
+        """Token counts as the worker asks for them (for texts longer than its read prefix):
+        about four characters a token, capped at ``max_tokens``."""
+        from autoembed.engine.tokenize import Encoded
+
+        lengths = np.array([min(len(t) // 4 + 2, self.max_tokens) for t in texts], np.int64)
+        return Encoded([[] for _ in texts], lengths, int((lengths >= self.max_tokens).sum()))
+
+
+def use_waiting_fence() -> Callable[[], None]:
+    """Diagnostic, this process only: the worker's write fence waits for a job row another
+    transaction holds for a moment instead of skipping it (FOR UPDATE instead of FOR
+    UPDATE SKIP LOCKED; see bench_backlog.py --fence-check). Returns the undo."""
+    from autoembed import queue as queue_module
+    from psycopg import sql
+
+    shipped = queue_module.q
+
+    def q(name: str) -> sql.SQL:
+        statement = shipped(name)
+        if name == "fence":
+            return sql.SQL(statement.as_string().replace("SKIP LOCKED", ""))
+        return statement
+
+    queue_module.q = q  # type: ignore[assignment]
+
+    def undo() -> None:
+        queue_module.q = shipped
+
+    return undo
 
 
 async def fresh_db(admin_url: str, name: str) -> str:
