@@ -5,7 +5,16 @@ DROP FUNCTION IF EXISTS autoembed._enqueue_sql(text);
 -- The one definition of "queue these rows (again)": an INSERT into autoembed.jobs from a
 -- query of (watch_id, lane, pk) rows; a row already queued goes back to pending with a new
 -- generation, so a worker busy with an older text can tell (see queue.py). Work the
--- application caused is 'fresh' and served first; a pending fresh job stays fresh.
+-- application caused one row at a time is 'fresh' and served first; a pending fresh job
+-- stays fresh. A statement that queues more than autoembed.bulk_rows() rows (an import,
+-- a mass update) is 'backfill', as autoembed's own work is: it waits behind single writes
+-- instead of holding every later one back.
+CREATE OR REPLACE FUNCTION autoembed.bulk_rows()
+RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 64 $$;
+
 CREATE OR REPLACE FUNCTION autoembed._enqueue_sql(rows_query text, kind text)
 RETURNS text
 LANGUAGE sql IMMUTABLE
@@ -81,7 +90,8 @@ BEGIN
            FROM autoembed.watches w
           CROSS JOIN unnest($2) AS p(pk)
           CROSS JOIN unnest(autoembed.watch_lanes(w.id)) AS l(lane)
-          WHERE w.id = $1', 'fresh')
+          WHERE w.id = $1',
+        CASE WHEN cardinality(pks) > autoembed.bulk_rows() THEN 'backfill' ELSE 'fresh' END)
     USING watch_id, pks;
     GET DIAGNOSTICS queued = ROW_COUNT;
     IF queued > 0 THEN
@@ -169,7 +179,11 @@ BEGIN
     IF summary_cond IS NULL THEN
         query := query || ' AND l.lane <> ''summary''';
     END IF;
-    EXECUTE autoembed._enqueue_sql(query, 'fresh') USING w.id;
+    -- one row more than the bulk size is enough to tell (the table is not counted through)
+    EXECUTE format('SELECT pg_catalog.count(*) FROM (SELECT FROM new_rows LIMIT %s) AS n',
+                   autoembed.bulk_rows() + 1) INTO queued;
+    EXECUTE autoembed._enqueue_sql(
+        query, CASE WHEN queued > autoembed.bulk_rows() THEN 'backfill' ELSE 'fresh' END) USING w.id;
     GET DIAGNOSTICS queued = ROW_COUNT;
     IF queued > 0 THEN
         PERFORM pg_notify('autoembed', w.id::text);

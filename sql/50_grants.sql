@@ -16,7 +16,7 @@ GRANT EXECUTE ON FUNCTION
     autoembed._text_type(oid), autoembed._attname(oid, smallint), autoembed.watch_problem(integer),
     autoembed._hnsw_index(oid, smallint), autoembed._template_columns(text),
     autoembed._enqueue_sql(text, text), autoembed._inputs_sql(oid, smallint[], boolean),
-    autoembed._chunk_embedding(oid)
+    autoembed._chunk_embedding(oid), autoembed.bulk_rows()
     TO PUBLIC;
 
 -- the definer functions belong to autoembed_definer, which may do what they do and no more

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from autoembed.engine import Embedder
 from autoembed.gate import Gate
+from autoembed.lanes import CPU_TURN, EMBED_CHUNK
 from autoembed.runner import Worker
 from autoembed.watches import watch
 
@@ -54,7 +55,8 @@ async def test_vectors_appear_while_the_claim_is_still_in_flight(
         "INSERT INTO documents (content) SELECT 'backlog row ' || g FROM generate_series(1, 200) g"
     )
     await watch_documents(db, index="deferred")
-    paused = Paused(minilm, pause_at=2)  # the second chunk of the one claim waits
+    # the second chunk of the one claim waits (a chunk runs as several turns at the engine)
+    paused = Paused(minilm, pause_at=EMBED_CHUNK // CPU_TURN + 1)
     worker = Worker(
         settings(db_url, batch_size=200, concurrency=1),
         progress=False,
@@ -132,7 +134,7 @@ async def test_the_index_is_built_after_the_backfill_and_search_works_before(
     )
     await watch_documents(db, index="deferred")
     assert await hnsw_indexes(db, "documents") == 0
-    paused = Paused(minilm, pause_at=2)
+    paused = Paused(minilm, pause_at=EMBED_CHUNK // CPU_TURN + 1)  # after the first chunk
     worker = Worker(
         settings(db_url, batch_size=64, concurrency=1),
         progress=False,
@@ -304,3 +306,43 @@ async def test_a_heartbeat_never_makes_a_write_skip_its_own_jobs(db: Any, db_url
         queue_module.q = shipped
         await holder.close()
         await pool.close()
+
+
+async def test_a_bulk_statement_waits_behind_single_writes(db: Any) -> None:
+    """An import (a statement of more than bulk_rows() rows) is queued as backfill, so the
+    single-row writes after it are served first; a row the import queues again while it
+    is pending fresh stays fresh; the webhook's enqueue() follows the same rule."""
+    await make_documents(db)
+    await watch_documents(db)
+    bulk = int((await fetch(db, "SELECT autoembed.bulk_rows()"))[0][0])
+    await db.execute("INSERT INTO documents (id, content) VALUES (1, 'one row')")
+    await db.execute(
+        "INSERT INTO documents (id, content) SELECT i, 'imported ' || i "
+        "FROM generate_series(2, %s) i",
+        (bulk + 10,),
+    )
+    await db.execute("INSERT INTO documents (id, content) VALUES (100000, 'after the import')")
+    kinds = dict(await fetch(db, "SELECT pk, kind FROM autoembed.jobs WHERE lane = 'embed'"))
+    assert kinds["1"] == "fresh" and kinds["100000"] == "fresh"
+    assert {kinds[str(i)] for i in range(2, bulk + 11)} == {"backfill"}
+    # a statement of exactly bulk_rows() rows is still fresh; one that re-queues a pending
+    # fresh row keeps it fresh
+    await db.execute(
+        "UPDATE documents SET content = content || '!' WHERE id = 1 OR id BETWEEN 2 AND %s",
+        (bulk,),
+    )
+    kinds = dict(await fetch(db, "SELECT pk, kind FROM autoembed.jobs WHERE lane = 'embed'"))
+    assert kinds["1"] == "fresh" and kinds["2"] == "fresh"
+    await db.execute("UPDATE documents SET content = content || '?'")  # every row: bulk
+    kinds = dict(await fetch(db, "SELECT pk, kind FROM autoembed.jobs WHERE lane = 'embed'"))
+    assert kinds["1"] == "fresh" and kinds["100000"] == "fresh"  # pending fresh stays fresh
+    assert kinds[str(bulk + 5)] == "backfill"
+    wid = (await fetch(db, "SELECT id FROM autoembed.watches"))[0][0]
+    await db.execute("DELETE FROM autoembed.jobs")
+    await db.execute("SELECT autoembed.enqueue(%s, ARRAY['1'])", (wid,))
+    await db.execute(
+        "SELECT autoembed.enqueue(%s, array(SELECT i::text FROM generate_series(2, %s) i))",
+        (wid, bulk + 2),
+    )
+    kinds = dict(await fetch(db, "SELECT pk, kind FROM autoembed.jobs WHERE lane = 'embed'"))
+    assert kinds["1"] == "fresh" and kinds["2"] == "backfill"

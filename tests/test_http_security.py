@@ -29,7 +29,7 @@ from autoembed.db import configure
 from autoembed.engine import Embedder
 from autoembed.errors import ConfigError
 from autoembed.http import HttpServer, Limits, create_app, listen_address
-from autoembed.http.common import _is_outage
+from autoembed.outcomes import is_db_outage as _is_outage
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 

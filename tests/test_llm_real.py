@@ -389,7 +389,6 @@ async def test_summary_lane_drains(
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.xfail(strict=False, reason="needs runner outage handling")
 async def test_summary_lane_survives_a_server_restart(
     db: Any,
     db_url: str,

@@ -164,3 +164,19 @@ def test_the_filter_scrubs_arguments_extras_and_exceptions() -> None:
     text = logging.Formatter("%(message)s %(detail)s").format(record)
     assert "s3cr" not in text and "cret" not in text
     assert text.startswith("got *** also *** here") and "ValueError: boom ***" in text
+
+
+def test_a_long_password_does_not_garble_ordinary_messages() -> None:
+    """A long random password shares three-letter pieces with ordinary words ("cre" of
+    "created"); only pieces of five characters or more of it are masked."""
+    password = "Xcre9_kQ2pLm7vBn4tWzR8yHd3sFgJ6aE1uCoNiVbMx"
+    message = "function public.match_u exists and was not created by autoembed"
+    r = Redactor([password])
+    assert r(message) == message
+    assert (
+        r("failed to resolve host 'kQ2pLm7v@127.0.0.1'") == "failed to resolve host '***@127.0.0.1'"
+    )
+    short = Redactor(["se@cret"])
+    assert (
+        short("failed to resolve host 'cret@127.0.0.1'") == "failed to resolve host '***@127.0.0.1'"
+    )

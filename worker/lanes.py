@@ -36,6 +36,14 @@ CHARS_PER_TOKEN = 32  # prefix read per token the model takes (a token is ~4 cha
 EMBED_CHUNK = 64  # texts per inference call: the unit of progress, priority and shutdown
 SUMMARY_MAX_CHARS = 200_000  # what a prompt may hold of a row's text
 CHUNKED_ROWS = 8  # rows of a chunked watch read (whole) and cut at a time
+# texts per turn at the engine on a CPU: a chunk of 64 runs as several such turns, so a
+# fresh row waits for at most one of them (the engine batches about this many texts of
+# 128+ tokens anyway: no throughput is lost). A GPU takes a whole chunk in one turn.
+CPU_TURN = 16
+
+
+def turn_size(emb: Any) -> int:
+    return EMBED_CHUNK if getattr(emb, "device", "cpu") == "cuda" else CPU_TURN
 
 
 def backoff(settings: Settings, attempts: int) -> float:
@@ -263,24 +271,35 @@ class Lanes:
         chunk is retried text by text when it fails as a whole)."""
         good: dict[str, np.ndarray] = {}
         bad: dict[str, str] = {}
-        async with self.gate.turn(fresh):
+        try:
+            vectors = await self.embed_turns(emb, [texts[j.pk] for j in chunk], fresh)
+            good.update(zip((j.pk for j in chunk), vectors, strict=True))
+            return good, bad
+        except Exception as exc:
+            log.warning(
+                "a chunk of %d failed (%s); embedding its texts one by one",
+                len(chunk),
+                exc,
+                extra={"lane": "embed", "action": "chunk_failed"},
+            )
+        for job in chunk:
             try:
-                vectors = await asyncio.to_thread(emb.embed, [texts[j.pk] for j in chunk])
-                good.update(zip((j.pk for j in chunk), vectors, strict=True))
-                return good, bad
-            except Exception as exc:
-                log.warning(
-                    "a chunk of %d failed (%s); embedding its texts one by one",
-                    len(chunk),
-                    exc,
-                    extra={"lane": "embed", "action": "chunk_failed"},
-                )
-            for job in chunk:
-                try:
+                async with self.gate.turn(fresh):
                     good[job.pk] = (await asyncio.to_thread(emb.embed, [texts[job.pk]]))[0]
-                except Exception as exc:
-                    bad[job.pk] = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:
+                bad[job.pk] = f"{type(exc).__name__}: {exc}"
         return good, bad
+
+    async def embed_turns(self, emb: Embedder, texts: list[str], fresh: bool) -> np.ndarray:
+        """The vectors of ``texts``, embedded in turns at the gate (see ``turn_size``)."""
+        size = turn_size(emb)
+        parts: list[np.ndarray] = []
+        for start in range(0, len(texts), size):
+            async with self.gate.turn(fresh):
+                parts.append(await asyncio.to_thread(emb.embed, texts[start : start + size]))
+        if not parts:
+            return np.zeros((0, emb.dim), np.float32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     # ------------------------------------------------------------------ passages
 
@@ -383,8 +402,7 @@ class Lanes:
                 continue
             texts = [plans[j.pk][1][i] for j, i in part]
             try:
-                async with self.gate.turn(part[0][0].kind == "fresh"):
-                    vectors = await asyncio.to_thread(emb.embed, texts)
+                vectors = await self.embed_turns(emb, texts, part[0][0].kind == "fresh")
             except Exception as exc:
                 for job in {j.pk: j for j, _ in part}.values():
                     failed.add(job.pk)

@@ -8,9 +8,12 @@ the process (the password of each configured URL or conninfo, ``PGPASSWORD``):
 
 - the ``user:password@`` part of any URL in a text becomes ``***@``;
 - ``password=...`` (conninfo or URL query) becomes ``password=***``;
-- every run of characters covered by a substring of length >= 3 of a secret becomes ``***``
-  (libpq may echo any piece of a malformed password). Shorter secrets are removed only in
-  the two forms above: masking every two-letter match would garble every message.
+- every run of characters covered by a substring of a secret of length >= 3 (>= 5 for a
+  secret of more than 12 characters) becomes ``***`` (libpq may echo any piece of a
+  malformed password). Shorter secrets are removed only in the two forms above: masking
+  every two-letter match would garble every message, and so would masking every
+  three-letter piece of a long random password (one of its 40 pieces occurs in about one
+  message of 500 characters in twelve).
 
 :func:`redact` applies this to one text for given connection strings; :func:`register` makes
 a connection string's password known to the process, :func:`scrub` applies everything known,
@@ -29,6 +32,12 @@ from urllib.parse import unquote
 
 MASK = "***"
 MIN_FRAGMENT = 3
+LONG_SECRET = 12  # a secret longer than this is masked by pieces of LONG_FRAGMENT or more
+LONG_FRAGMENT = 5
+
+
+def fragment_length(secret: str) -> int:
+    return LONG_FRAGMENT if len(secret) > LONG_SECRET else MIN_FRAGMENT
 # environment variables that may hold a connection string or a password
 URL_VARIABLES = ("DATABASE_URL", "TEST_DATABASE_URL")
 PASSWORD_VARIABLES = ("PGPASSWORD",)
@@ -81,11 +90,18 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self.secrets = frozenset(s for s in secrets if s)
         grams = {
-            s[i : i + MIN_FRAGMENT] for s in self.secrets for i in range(len(s) - MIN_FRAGMENT + 1)
+            s[i : i + fragment_length(s)]
+            for s in self.secrets
+            for i in range(len(s) - fragment_length(s) + 1)
         }
-        # a zero-width look-ahead finds every position, overlapping ones included
+        # a zero-width look-ahead finds every position, overlapping ones included; the
+        # longest pieces first, so that each match covers as much as it can
         self._grams = (
-            re.compile("(?=(?:" + "|".join(re.escape(g) for g in sorted(grams)) + "))")
+            re.compile(
+                "(?=("
+                + "|".join(re.escape(g) for g in sorted(grams, key=lambda g: (-len(g), g)))
+                + "))"
+            )
             if grams
             else None
         )
@@ -97,7 +113,8 @@ class Redactor:
             return text
         covered = bytearray(len(text) + 1)
         for m in self._grams.finditer(text):
-            covered[m.start() : m.start() + MIN_FRAGMENT] = b"\1" * MIN_FRAGMENT
+            size = len(m.group(1))
+            covered[m.start() : m.start() + size] = b"\1" * size
         if not any(covered):
             return text
         out: list[str] = []
