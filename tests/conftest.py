@@ -62,6 +62,20 @@ class Server:
         self.embedded.restart(down_seconds)
 
 
+@pytest.fixture(autouse=True)
+def _forget_test_secrets() -> Iterator[None]:
+    """A test that registers a password (``setup_logging(secrets=...)``) must not make every
+    later test's messages lose pieces of it: the redaction state is per process."""
+    from autoembed import redact
+
+    known, current = set(redact._known), redact._current
+    yield
+    with redact._lock:
+        redact._known.clear()
+        redact._known.update(known)
+        redact._current = current
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     url = os.environ.get("TEST_DATABASE_URL") or os.environ.get("DATABASE_URL")
