@@ -7,7 +7,8 @@ LLM    := $(VENV)/.installed-llm
 
 PHONY_LLM = install-llm test-llm
 .PHONY: install $(PHONY_LLM) demo test test-fast test-dist wheel compose-config lint bench bench-engine \
-	bench-worker bench-http clean
+	bench-worker bench-http bench-search bench-storage bench-backlog bench-chunking \
+	bench-chunked clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -79,6 +80,22 @@ bench-worker: install
 
 bench-http: install
 	$(BIN)/python benchmarks/bench_http.py
+
+# Each of these runs for minutes to an hour on 2 cores; see Performance in the README.
+bench-search: install
+	$(BIN)/python benchmarks/bench_search.py
+
+bench-storage: install
+	$(BIN)/python benchmarks/bench_storage.py
+
+bench-backlog: install
+	$(BIN)/python benchmarks/bench_backlog.py
+
+bench-chunking: install
+	$(BIN)/python benchmarks/bench_chunking.py
+
+bench-chunked: install
+	$(BIN)/python benchmarks/bench_chunked_worker.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

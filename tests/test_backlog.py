@@ -14,7 +14,7 @@ from autoembed.lanes import CPU_TURN, EMBED_CHUNK
 from autoembed.runner import Worker
 from autoembed.watches import watch
 
-from .helpers import fetch, make_documents, settings, wait_for, watch_documents
+from .helpers import drain, fetch, make_documents, settings, wait_for, watch_documents
 
 
 class Paused:
@@ -167,6 +167,38 @@ async def test_the_index_is_built_after_the_backfill_and_search_works_before(
     await db.execute("SET enable_seqscan = off")
     plan = await fetch(db, "EXPLAIN SELECT id FROM documents ORDER BY embedding <=> %s LIMIT 3", q)
     assert "hnsw" in str(plan).lower()
+
+
+async def test_a_drain_whose_index_cannot_be_built_says_so(
+    db: Any, db_url: str, minilm: Embedder, caplog: Any
+) -> None:
+    """Every row gets its vector, but the deferred HNSW index fails (here an operator's event
+    trigger refuses CREATE INDEX): a backfill script must not read exit 0 as success."""
+    await make_documents(db)
+    await db.execute(
+        "INSERT INTO documents (content) SELECT 'backfill row ' || g FROM generate_series(1, 20) g"
+    )
+    await watch_documents(db, index="deferred")
+    await db.execute(
+        "CREATE FUNCTION no_indexes() RETURNS event_trigger LANGUAGE plpgsql AS "
+        "$$BEGIN RAISE EXCEPTION 'indexes are built by the DBA on Sundays'; END$$"
+    )
+    await db.execute(
+        "CREATE EVENT TRIGGER no_indexes ON ddl_command_start WHEN TAG IN ('CREATE INDEX') "
+        "EXECUTE FUNCTION no_indexes()"
+    )
+    try:
+        await drain(db_url, minilm, expect=3)
+    finally:
+        await db.execute("DROP EVENT TRIGGER no_indexes")
+    assert await fetch(db, "SELECT count(embedding) FROM documents") == [(20,)]
+    assert await fetch(db, "SELECT index_state FROM autoembed.watches") == [("deferred",)]
+    assert "indexes are built by the DBA on Sundays" in caplog.text
+    assert "left unserved: the HNSW index of public.documents" in caplog.text
+    # once the obstacle is gone, the next run builds it and exits 0
+    await drain(db_url, minilm)
+    assert await fetch(db, "SELECT index_state FROM autoembed.watches") == [("ready",)]
+    assert await hnsw_indexes(db, "documents") == 1
 
 
 async def test_a_large_backfill_defers_its_index(db: Any) -> None:

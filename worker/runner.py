@@ -562,6 +562,11 @@ class Worker:
         waiting = {self.watches[wid].label: why for wid, why in self.unserved.items()}
         if everything["pending"] + everything["running"] and not waiting:
             waiting["summary lane"] = self.llm_problem or "no LLM server can be used"
+        for wid, why in self.index_problems.items():
+            if wid in self.watches and wid not in self.unserved:
+                # its rows have their vectors, but search scans the table: a backfill script
+                # must not take that for success
+                waiting[f"the HNSW index of {self.watches[wid].label}"] = why
         for label, why in waiting.items():
             log.error("left unserved: %s: %s", label, why, extra={"action": "unserved"})
         if waiting:
