@@ -62,8 +62,11 @@ def main() -> None:
     parser.add_argument(
         "--wait-fence", action="store_true", help="diagnostic: bench_worker.use_waiting_fence"
     )
+    parser.add_argument("--log-level", default="WARNING", help="diagnostic: e.g. INFO, DEBUG")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
     print(json.dumps(asyncio.run(main_async(args))), flush=True)
 
 

@@ -4,6 +4,7 @@ the backlog still finishes, and HNSW indexes built once a backfill is done."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from typing import Any
 
@@ -336,6 +337,76 @@ async def test_a_heartbeat_never_makes_a_write_skip_its_own_jobs(db: Any, db_url
         assert left == [(0,)]
     finally:
         queue_module.q = shipped
+        await holder.close()
+        await pool.close()
+
+
+async def test_a_job_row_held_for_a_moment_by_another_worker_is_still_written(
+    db: Any, db_url: str
+) -> None:
+    """Another worker's claim statement locks, for a few milliseconds, rows it then finds
+    already running; a fence that skipped them took them for lost, and they stayed running,
+    unwritten, until their lease ran out and were charged an attempt (multi-worker drains
+    stalled for a whole lease). The fence waits for such a lock. Here the other transaction
+    holds the rows until the fence waits for it, then lets go at once."""
+    from autoembed.db import configure_worker, connect, reset_worker
+    from autoembed.queue import Queue
+    from psycopg_pool import AsyncConnectionPool
+
+    await make_documents(db)
+    await db.execute(
+        "INSERT INTO documents (content) SELECT 'text ' || i FROM generate_series(1, 20) i"
+    )
+    await watch_documents(db)
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url,
+        min_size=1,
+        max_size=2,
+        kwargs={"autocommit": True},
+        configure=configure_worker,
+        reset=reset_worker,
+        open=False,
+    )
+    await pool.open()
+    holder = await connect(db_url)
+    holding: asyncio.Task[None] | None = None
+    try:
+        queue = Queue(pool, "test-worker")
+        (w,) = (await queue.watches()).values()
+        jobs = await queue.claim("embed", "backfill", [w.id], 20, 60.0)
+        assert len(jobs) == 20
+        rows = await queue.read(w, "embed", [j.pk for j in jobs])
+
+        async def hold() -> None:
+            # lock the rows, then wait (in the server) until some backend waits for this
+            # one, and commit at once; bounded, in case no one ever waits
+            async with holder.transaction():
+                await holder.execute(
+                    "SELECT id FROM autoembed.jobs WHERE id = ANY(%s) FOR UPDATE",
+                    ([j.id for j in jobs],),
+                )
+                held.set()
+                await holder.execute(
+                    "DO $$BEGIN FOR i IN 1..60000 LOOP EXIT WHEN EXISTS ("
+                    "SELECT 1 FROM pg_catalog.pg_locks l WHERE NOT l.granted AND "
+                    "pg_catalog.pg_blocking_pids(l.pid) && ARRAY[pg_catalog.pg_backend_pid()]); "
+                    "PERFORM pg_catalog.pg_sleep(0.001); END LOOP; END$$"
+                )
+
+        held = asyncio.Event()
+        holding = asyncio.create_task(hold())
+        await held.wait()
+        vector = np.ones(384, np.float32) / np.sqrt(384)
+        out = await queue.finish(w, "embed", jobs, rows, {j.pk: vector for j in jobs})
+        assert out.lost == [] and sorted(out.written) == sorted(j.pk for j in jobs)
+        await holding
+        assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(0,)]
+        assert await fetch(db, "SELECT count(embedding) FROM documents") == [(20,)]
+    finally:
+        if holding is not None and not holding.done():  # a failed test: no one waited for the lock
+            await holder.cancel_safe()
+            with contextlib.suppress(Exception):
+                await holding
         await holder.close()
         await pool.close()
 

@@ -55,6 +55,15 @@ SELECT j.id FROM autoembed.jobs j
  WHERE j.id = ANY (%(ids)s) AND j.status = 'running' AND j.worker = %(worker)s
    FOR UPDATE SKIP LOCKED
 
+-- name: fence_wait
+-- the jobs the first pass skipped: another transaction held them for a moment (another
+-- worker's claim statement locks rows it then finds running; the application's trigger
+-- queueing a row again). Waited for, under the write's lock_timeout: a claim's lock lasts
+-- milliseconds, and a job queued again meanwhile no longer matches
+SELECT j.id FROM autoembed.jobs j
+ WHERE j.id = ANY (%(ids)s) AND j.status = 'running' AND j.worker = %(worker)s
+   FOR UPDATE
+
 -- name: complete
 DELETE FROM autoembed.jobs AS j WHERE j.id = ANY (%(ids)s)
 

@@ -432,13 +432,22 @@ class Queue:
         await self._release(conn, [by_pk[p] for p in out.busy], 1.0)
 
     async def _fence(self, conn: AsyncConnection[Any], jobs: Sequence[Job]) -> set[int]:
-        """Lock the jobs still leased to their claims (skipping any another transaction
-        holds: queued again by the application right now), and return their ids."""
+        """Lock the jobs still leased to their claims and return their ids. Rows another
+        transaction holds are skipped at first, then waited for (under the write's lock
+        timeout): a skipped job is not a lost one. Another worker's claim statement holds
+        rows it finds already running for a few milliseconds, and a job skipped for that
+        would stay running, unwritten, until its lease ran out and it was charged an
+        attempt."""
         ours: set[int] = set()
         async with self._job_rows:
             for token, ids in _by_token(jobs).items():
                 cur = await conn.execute(q("fence"), {"ids": ids, "worker": token})
-                ours.update(r[0] for r in await cur.fetchall())
+                got = {r[0] for r in await cur.fetchall()}
+                skipped = [i for i in ids if i not in got]
+                if skipped:
+                    cur = await conn.execute(q("fence_wait"), {"ids": skipped, "worker": token})
+                    got.update(r[0] for r in await cur.fetchall())
+                ours |= got
         return ours
 
     @staticmethod

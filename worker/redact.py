@@ -38,6 +38,8 @@ LONG_FRAGMENT = 5
 
 def fragment_length(secret: str) -> int:
     return LONG_FRAGMENT if len(secret) > LONG_SECRET else MIN_FRAGMENT
+
+
 # environment variables that may hold a connection string or a password
 URL_VARIABLES = ("DATABASE_URL", "TEST_DATABASE_URL")
 PASSWORD_VARIABLES = ("PGPASSWORD",)
