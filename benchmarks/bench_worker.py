@@ -35,6 +35,7 @@ from autoembed.engine import Embedder
 from autoembed.migrate import migrate
 from autoembed.runner import Worker
 from autoembed.watches import watch
+from psycopg import sql
 
 from benchmarks.common import ROOT, cores, passages
 
@@ -118,7 +119,14 @@ async def load(url: str, texts: list[str], index: bool = True) -> None:
         )
         await watch(conn, "documents", "content", model=MODEL)  # queues nothing yet
         if not index:
-            await conn.execute("DROP INDEX documents_embedding_hnsw")
+            cur = await conn.execute(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "JOIN pg_am am ON am.oid = c.relam "
+                "WHERE i.indrelid = 'documents'::regclass AND am.amname = 'hnsw'"
+            )
+            found = await cur.fetchone()
+            assert found is not None, "the watch made no HNSW index"
+            await conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(found[0])))
         async with conn.cursor() as cur, cur.copy("COPY documents (content) FROM STDIN") as copy:
             for t in texts:
                 await copy.write_row((t,))

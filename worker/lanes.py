@@ -293,13 +293,19 @@ class Lanes:
     async def embed_turns(self, emb: Embedder, texts: list[str], fresh: bool) -> np.ndarray:
         """The vectors of ``texts``, embedded in turns at the gate (see ``turn_size``)."""
         size = turn_size(emb)
+        # longest first, so that each turn pads its texts to similar lengths (a chunked
+        # row's passages come in document order: full ones, then a short last one)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
         parts: list[np.ndarray] = []
-        for start in range(0, len(texts), size):
+        for start in range(0, len(order), size):
+            turn = [texts[i] for i in order[start : start + size]]
             async with self.gate.turn(fresh):
-                parts.append(await asyncio.to_thread(emb.embed, texts[start : start + size]))
+                parts.append(await asyncio.to_thread(emb.embed, turn))
         if not parts:
             return np.zeros((0, emb.dim), np.float32)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out = np.empty((len(texts), parts[0].shape[1]), dtype=parts[0].dtype)
+        out[order] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out
 
     # ------------------------------------------------------------------ passages
 
