@@ -72,27 +72,13 @@ bench-deps: install
 
 bench: bench-engine bench-worker bench-http
 
-bench-engine: install
-	$(BIN)/python benchmarks/bench_engine.py
+# each runs benchmarks/bench_<name>.py; the longer ones (search, storage, backlog, chunking,
+# chunked) take minutes to an hour on 2 cores: see Performance in the README
+BENCHES := bench-engine bench-worker bench-http bench-search bench-storage bench-backlog \
+	bench-chunking
 
-bench-worker: install
-	$(BIN)/python benchmarks/bench_worker.py
-
-bench-http: install
-	$(BIN)/python benchmarks/bench_http.py
-
-# Each of these runs for minutes to an hour on 2 cores; see Performance in the README.
-bench-search: install
-	$(BIN)/python benchmarks/bench_search.py
-
-bench-storage: install
-	$(BIN)/python benchmarks/bench_storage.py
-
-bench-backlog: install
-	$(BIN)/python benchmarks/bench_backlog.py
-
-bench-chunking: install
-	$(BIN)/python benchmarks/bench_chunking.py
+$(BENCHES): bench-%: install
+	$(BIN)/python benchmarks/bench_$*.py
 
 bench-chunked: install
 	$(BIN)/python benchmarks/bench_chunked_worker.py

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -98,3 +100,25 @@ async def wait_for(predicate: Any, timeout: float = 60.0, every: float = 0.1) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
         await asyncio.sleep(every)
+
+
+@contextlib.asynccontextmanager
+async def worker_pool(db_url: str, max_size: int = 4) -> AsyncIterator[Any]:
+    """A connection pool set up as the worker's (autocommit, its pinned settings)."""
+    from autoembed.db import configure_worker, reset_worker
+    from psycopg_pool import AsyncConnectionPool
+
+    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        db_url,
+        min_size=1,
+        max_size=max_size,
+        kwargs={"autocommit": True},
+        configure=configure_worker,
+        reset=reset_worker,
+        open=False,
+    )
+    await pool.open()
+    try:
+        yield pool
+    finally:
+        await pool.close()

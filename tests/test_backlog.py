@@ -15,7 +15,15 @@ from autoembed.lanes import CPU_TURN, EMBED_CHUNK
 from autoembed.runner import Worker
 from autoembed.watches import watch
 
-from .helpers import drain, fetch, make_documents, settings, wait_for, watch_documents
+from .helpers import (
+    drain,
+    fetch,
+    make_documents,
+    settings,
+    wait_for,
+    watch_documents,
+    worker_pool,
+)
 
 
 class Paused:
@@ -258,10 +266,9 @@ async def test_a_heartbeat_never_makes_a_write_skip_its_own_jobs(db: Any, db_url
     unwritten until their lease runs out. Here the heartbeat holds its row locks until the
     test lets it go."""
     from autoembed import queue as queue_module
-    from autoembed.db import configure_worker, connect, reset_worker
+    from autoembed.db import connect
     from autoembed.queue import Claims, Queue
     from psycopg import sql
-    from psycopg_pool import AsyncConnectionPool
 
     await make_documents(db)
     await db.execute(
@@ -283,62 +290,52 @@ async def test_a_heartbeat_never_makes_a_write_skip_its_own_jobs(db: Any, db_url
         ).format(statement)
 
     holder = await connect(db_url)
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url,
-        min_size=2,
-        max_size=4,
-        kwargs={"autocommit": True},
-        configure=configure_worker,
-        reset=reset_worker,
-        open=False,
-    )
-    await pool.open()
-    try:
-        queue = Queue(pool, "test-worker")
-        watches = await queue.watches()
-        (w,) = watches.values()
-        jobs = await queue.claim("embed", "backfill", [w.id], 20, 60.0)
-        assert len(jobs) == 20
-        rows = await queue.read(w, "embed", [j.pk for j in jobs])
-        claims = Claims()
-        claims.add(jobs)
-        queue_module.q = held_heartbeat  # type: ignore[assignment]
-        await holder.execute("SELECT pg_advisory_lock(4242)")
-        beat = asyncio.create_task(queue.heartbeat(claims, 60.0))
-        await wait_for(
-            lambda: fetch(
-                db,
-                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND wait_event = 'advisory'",
+    async with worker_pool(db_url) as pool:
+        try:
+            queue = Queue(pool, "test-worker")
+            watches = await queue.watches()
+            (w,) = watches.values()
+            jobs = await queue.claim("embed", "backfill", [w.id], 20, 60.0)
+            assert len(jobs) == 20
+            rows = await queue.read(w, "embed", [j.pk for j in jobs])
+            claims = Claims()
+            claims.add(jobs)
+            queue_module.q = held_heartbeat  # type: ignore[assignment]
+            await holder.execute("SELECT pg_advisory_lock(4242)")
+            beat = asyncio.create_task(queue.heartbeat(claims, 60.0))
+            await wait_for(
+                lambda: fetch(
+                    db,
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND wait_event = 'advisory'",
+                )
             )
-        )
-        fenced = asyncio.Event()
-        shipped_fence = queue._fence
+            fenced = asyncio.Event()
+            shipped_fence = queue._fence
 
-        async def fence(*args: Any) -> set[int]:
-            fenced.set()
-            return await shipped_fence(*args)
+            async def fence(*args: Any) -> set[int]:
+                fenced.set()
+                return await shipped_fence(*args)
 
-        queue._fence = fence  # type: ignore[method-assign]
-        vector = np.ones(384, np.float32) / np.sqrt(384)
-        write = asyncio.create_task(
-            queue.finish(w, "embed", jobs, rows, {j.pk: vector for j in jobs})
-        )
-        await fenced.wait()
-        # not a wait for the correct code (which waits for the heartbeat whatever the
-        # time): a moment in which a fence that did not wait would skip every job
-        await asyncio.sleep(0.5)
-        await holder.execute("SELECT pg_advisory_unlock(4242)")
-        lost = await beat
-        out = await write
-        assert lost == set()
-        assert out.lost == [] and sorted(out.written) == sorted(j.pk for j in jobs)
-        left = await fetch(db, "SELECT count(*) FROM autoembed.jobs")
-        assert left == [(0,)]
-    finally:
-        queue_module.q = shipped
-        await holder.close()
-        await pool.close()
+            queue._fence = fence  # type: ignore[method-assign]
+            vector = np.ones(384, np.float32) / np.sqrt(384)
+            write = asyncio.create_task(
+                queue.finish(w, "embed", jobs, rows, {j.pk: vector for j in jobs})
+            )
+            await fenced.wait()
+            # not a wait for the correct code (which waits for the heartbeat whatever the
+            # time): a moment in which a fence that did not wait would skip every job
+            await asyncio.sleep(0.5)
+            await holder.execute("SELECT pg_advisory_unlock(4242)")
+            lost = await beat
+            out = await write
+            assert lost == set()
+            assert out.lost == [] and sorted(out.written) == sorted(j.pk for j in jobs)
+            left = await fetch(db, "SELECT count(*) FROM autoembed.jobs")
+            assert left == [(0,)]
+        finally:
+            queue_module.q = shipped
+            await holder.close()
 
 
 async def test_a_job_row_held_for_a_moment_by_another_worker_is_still_written(
@@ -349,66 +346,58 @@ async def test_a_job_row_held_for_a_moment_by_another_worker_is_still_written(
     unwritten, until their lease ran out and were charged an attempt (multi-worker drains
     stalled for a whole lease). The fence waits for such a lock. Here the other transaction
     holds the rows until the fence waits for it, then lets go at once."""
-    from autoembed.db import configure_worker, connect, reset_worker
+    from autoembed.db import connect
     from autoembed.queue import Queue
-    from psycopg_pool import AsyncConnectionPool
 
     await make_documents(db)
     await db.execute(
         "INSERT INTO documents (content) SELECT 'text ' || i FROM generate_series(1, 20) i"
     )
     await watch_documents(db)
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url,
-        min_size=1,
-        max_size=2,
-        kwargs={"autocommit": True},
-        configure=configure_worker,
-        reset=reset_worker,
-        open=False,
-    )
-    await pool.open()
     holder = await connect(db_url)
     holding: asyncio.Task[None] | None = None
-    try:
-        queue = Queue(pool, "test-worker")
-        (w,) = (await queue.watches()).values()
-        jobs = await queue.claim("embed", "backfill", [w.id], 20, 60.0)
-        assert len(jobs) == 20
-        rows = await queue.read(w, "embed", [j.pk for j in jobs])
+    async with worker_pool(db_url, max_size=2) as pool:
+        try:
+            queue = Queue(pool, "test-worker")
+            (w,) = (await queue.watches()).values()
+            jobs = await queue.claim("embed", "backfill", [w.id], 20, 60.0)
+            assert len(jobs) == 20
+            rows = await queue.read(w, "embed", [j.pk for j in jobs])
 
-        async def hold() -> None:
-            # lock the rows, then wait (in the server) until some backend waits for this
-            # one, and commit at once; bounded, in case no one ever waits
-            async with holder.transaction():
-                await holder.execute(
-                    "SELECT id FROM autoembed.jobs WHERE id = ANY(%s) FOR UPDATE",
-                    ([j.id for j in jobs],),
-                )
-                held.set()
-                await holder.execute(
-                    "DO $$BEGIN FOR i IN 1..60000 LOOP EXIT WHEN EXISTS ("
-                    "SELECT 1 FROM pg_catalog.pg_locks l WHERE NOT l.granted AND "
-                    "pg_catalog.pg_blocking_pids(l.pid) && ARRAY[pg_catalog.pg_backend_pid()]); "
-                    "PERFORM pg_catalog.pg_sleep(0.001); END LOOP; END$$"
-                )
+            async def hold() -> None:
+                # lock the rows, then wait (in the server) until some backend waits for this
+                # one, and commit at once; bounded, in case no one ever waits
+                async with holder.transaction():
+                    await holder.execute(
+                        "SELECT id FROM autoembed.jobs WHERE id = ANY(%s) FOR UPDATE",
+                        ([j.id for j in jobs],),
+                    )
+                    held.set()
+                    await holder.execute(
+                        "DO $$BEGIN FOR i IN 1..60000 LOOP EXIT WHEN EXISTS ("
+                        "SELECT 1 FROM pg_catalog.pg_locks l WHERE NOT l.granted AND "
+                        "pg_catalog.pg_blocking_pids(l.pid) "
+                        "&& ARRAY[pg_catalog.pg_backend_pid()]); "
+                        "PERFORM pg_catalog.pg_sleep(0.001); END LOOP; END$$"
+                    )
 
-        held = asyncio.Event()
-        holding = asyncio.create_task(hold())
-        await held.wait()
-        vector = np.ones(384, np.float32) / np.sqrt(384)
-        out = await queue.finish(w, "embed", jobs, rows, {j.pk: vector for j in jobs})
-        assert out.lost == [] and sorted(out.written) == sorted(j.pk for j in jobs)
-        await holding
-        assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(0,)]
-        assert await fetch(db, "SELECT count(embedding) FROM documents") == [(20,)]
-    finally:
-        if holding is not None and not holding.done():  # a failed test: no one waited for the lock
-            await holder.cancel_safe()
-            with contextlib.suppress(Exception):
-                await holding
-        await holder.close()
-        await pool.close()
+            held = asyncio.Event()
+            holding = asyncio.create_task(hold())
+            await held.wait()
+            vector = np.ones(384, np.float32) / np.sqrt(384)
+            out = await queue.finish(w, "embed", jobs, rows, {j.pk: vector for j in jobs})
+            assert out.lost == [] and sorted(out.written) == sorted(j.pk for j in jobs)
+            await holding
+            assert await fetch(db, "SELECT count(*) FROM autoembed.jobs") == [(0,)]
+            assert await fetch(db, "SELECT count(embedding) FROM documents") == [(20,)]
+        finally:
+            if (
+                holding is not None and not holding.done()
+            ):  # a failed test: no one waited for the lock
+                await holder.cancel_safe()
+                with contextlib.suppress(Exception):
+                    await holding
+            await holder.close()
 
 
 async def test_a_bulk_statement_waits_behind_single_writes(db: Any) -> None:
