@@ -220,6 +220,10 @@ class EmbeddedPostgres:
         libs = package.parent / f"{package.name}.libs"
         if libs.is_dir():
             self._place(libs, private / libs.name)
+        # the directories are the server's user's, so that the watchdog (which runs as that
+        # user) can remove the copy; the hard-linked files stay root's, unwritable to it
+        for dirpath, _dirs, _files in os.walk(private):
+            self._own(Path(dirpath))
         root = private / package.name / self.pginstall.name
         if not self._usable(root):
             raise DatabaseError(
