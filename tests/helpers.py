@@ -104,20 +104,12 @@ async def wait_for(predicate: Any, timeout: float = 60.0, every: float = 0.1) ->
 
 @contextlib.asynccontextmanager
 async def worker_pool(db_url: str, max_size: int = 4) -> AsyncIterator[Any]:
-    """A connection pool set up as the worker's (autocommit, its pinned settings)."""
-    from autoembed.db import configure_worker, reset_worker
-    from psycopg_pool import AsyncConnectionPool
+    """A connection pool set up as the worker's and the HTTP API's (autocommit, the pinned
+    settings), opened."""
+    from autoembed.db import session_pool
 
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url,
-        min_size=1,
-        max_size=max_size,
-        kwargs={"autocommit": True},
-        configure=configure_worker,
-        reset=reset_worker,
-        open=False,
-    )
-    await pool.open()
+    pool = session_pool(db_url, max_size=max_size, name="autoembed-test")
+    await pool.open(wait=True)
     try:
         yield pool
     finally:

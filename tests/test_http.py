@@ -25,7 +25,6 @@ import psycopg
 import pytest
 from autoembed.batcher import Batcher, TextRejected
 from autoembed.config import Settings
-from autoembed.db import configure
 from autoembed.engine import Embedder
 from autoembed.errors import ConfigError
 from autoembed.http import (
@@ -38,7 +37,8 @@ from autoembed.http import (
     serve_with_worker,
 )
 from autoembed.runner import Worker
-from psycopg_pool import AsyncConnectionPool
+
+from .helpers import worker_pool
 
 AUTOEMBED = [sys.executable, "-m", "autoembed.cli"]  # as conftest.AUTOEMBED
 
@@ -92,20 +92,11 @@ async def api(minilm: Embedder) -> AsyncIterator[Api]:
 @pytest.fixture
 async def db_api(db_url: str, minilm: Embedder) -> AsyncIterator[Api]:
     """The API with a pool on the test's database (for /webhook)."""
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url,
-        min_size=1,
-        max_size=4,
-        kwargs={"autocommit": True},
-        configure=configure,
-        open=False,
-    )
-    await pool.open(wait=True)
-    try:
-        async with running(create_app(make_settings(database_url=db_url), minilm, pool=pool)) as a:
-            yield a
-    finally:
-        await pool.close()
+    async with (
+        worker_pool(db_url) as pool,
+        running(create_app(make_settings(database_url=db_url), minilm, pool=pool)) as a,
+    ):
+        yield a
 
 
 def free_port() -> int:

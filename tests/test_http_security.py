@@ -25,7 +25,6 @@ import openai
 import psycopg
 import pytest
 from autoembed.config import Settings
-from autoembed.db import configure
 from autoembed.engine import Embedder
 from autoembed.errors import ConfigError
 from autoembed.http import HttpServer, Limits, create_app, listen_address
@@ -33,6 +32,7 @@ from autoembed.outcomes import is_db_outage as _is_outage
 from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from .helpers import worker_pool
 from .test_http import (
     AUTH,
     AUTOEMBED,
@@ -109,20 +109,11 @@ async def open_api(minilm: Embedder) -> AsyncIterator[Api]:
 
 @pytest.fixture
 async def webhook_api(db_url: str, minilm: Embedder) -> AsyncIterator[Api]:
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url,
-        min_size=1,
-        max_size=4,
-        kwargs={"autocommit": True},
-        configure=configure,
-        open=False,
-    )
-    await pool.open(wait=True)
-    try:
-        async with running(create_app(make_settings(database_url=db_url), minilm, pool=pool)) as a:
-            yield a
-    finally:
-        await pool.close()
+    async with (
+        worker_pool(db_url) as pool,
+        running(create_app(make_settings(database_url=db_url), minilm, pool=pool)) as a,
+    ):
+        yield a
 
 
 # ---------------------------------------------------------------------------- slow clients

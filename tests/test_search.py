@@ -15,7 +15,7 @@ from autoembed.engine import Embedder
 from autoembed.watches import watch
 
 from .conftest import DATA, Server
-from .helpers import drain, fetch
+from .helpers import drain, fetch, worker_pool
 
 PASSAGES = [json.loads(line) for line in (DATA / "search-passages.jsonl").read_text().splitlines()]
 IDENTIFIERS = json.loads((DATA / "search-identifiers.json").read_text())
@@ -306,27 +306,16 @@ async def test_search_command_refuses_a_bad_filter(db: Any, db_url: str, bad: st
 
 
 async def test_search_over_http(db: Any, db_url: str, minilm: Embedder) -> None:
-    from autoembed.db import configure_worker, reset_worker
     from autoembed.http import create_app
-    from psycopg_pool import AsyncConnectionPool
 
     from .test_http import AUTH, JSON, make_settings, running
 
     await load_passages(db)
     await drain(db_url, minilm)
-    # the pool as the worker's: a pinned search_path, so the table is found without one
-    pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        db_url,
-        min_size=1,
-        max_size=2,
-        kwargs={"autocommit": True},
-        configure=configure_worker,
-        reset=reset_worker,
-        open=False,
-    )
-    await pool.open(wait=True)
     item = IDENTIFIERS[0]
-    try:
+    # the pool as the worker's and the API server's: a pinned search_path, so the table is
+    # found without one
+    async with worker_pool(db_url, max_size=2) as pool:
         app = create_app(make_settings(database_url=db_url), minilm, pool=pool)
         async with running(app) as api:
             headers = {**AUTH, **JSON}
@@ -367,5 +356,3 @@ async def test_search_over_http(db: Any, db_url: str, minilm: Embedder) -> None:
                 "/search", json={"table": "passages", "query": "x"}, headers=JSON
             )
             assert r.status_code == 401  # the same auth as every other route
-    finally:
-        await pool.close()

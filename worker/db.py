@@ -95,6 +95,26 @@ async def reset_worker(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.execute("RESET ALL; SELECT pg_catalog.pg_advisory_unlock_all(); " + PINNED)
 
 
+def session_pool(url: str, *, max_size: int, name: str, timeout: float = 10.0) -> Any:
+    """A connection pool for autoembed's own sessions (the worker's, the HTTP API's):
+    autocommit, pgvector's types, the pinned settings, reset before each connection goes
+    back, checked when taken. Not opened yet."""
+    from psycopg_pool import AsyncConnectionPool
+
+    return AsyncConnectionPool(
+        url,
+        min_size=1,
+        max_size=max_size,
+        kwargs={"autocommit": True},
+        configure=configure_worker,
+        reset=reset_worker,
+        check=AsyncConnectionPool.check_connection,
+        open=False,
+        timeout=timeout,
+        name=name,
+    )
+
+
 async def connect(url: str, *, vector: bool = True, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
     try:
         conn = await psycopg.AsyncConnection.connect(url, autocommit=True, **kwargs)

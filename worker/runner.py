@@ -34,7 +34,7 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from .config import Settings
-from .db import configure_worker, describe, q, reset_worker
+from .db import describe, q, session_pool
 from .engine import Embedder
 from .errors import AutoembedError
 from .gate import Gate
@@ -91,16 +91,9 @@ class Worker:
         self._bar: Any = None
         self._side_jobs: set[asyncio.Task[Any]] = set()
         self._index_work: set[int] = set()  # watches whose index or model change is under way
-        self.pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        self.pool: AsyncConnectionPool[Any] = session_pool(
             self.url,
-            min_size=1,
             max_size=settings.concurrency + settings.summary_concurrency + 5,
-            kwargs={"autocommit": True},
-            configure=configure_worker,
-            reset=reset_worker,
-            check=AsyncConnectionPool.check_connection,
-            open=False,
-            timeout=10.0,
             name="autoembed",
         )
         self.queue = Queue(self.pool, settings.worker_name)

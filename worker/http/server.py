@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool
 from starlette.types import ASGIApp
 
 from ..config import Settings
-from ..db import configure
+from ..db import session_pool
 from ..engine import Embedder
 from ..engine.registry import lookup
 from ..errors import AutoembedError, ConfigError, ModelError
@@ -212,16 +212,9 @@ async def serve(settings: Settings) -> int:
         raise
     pool: AsyncConnectionPool[Any] | None = None
     if settings.database_url:
-        pool = AsyncConnectionPool(
-            settings.database_url,
-            min_size=1,
-            max_size=8,
-            kwargs={"autocommit": True},
-            configure=configure,
-            open=False,
-            timeout=10.0,
-            name="autoembed-http",
-        )
+        # the worker's session set-up: the webhook's statements resolve only what they
+        # mean to, whatever another role created in a schema on the default search_path
+        pool = session_pool(settings.database_url, max_size=8, name="autoembed-http")
         await pool.open(wait=False)  # a database that is down now only fails /webhook
     loop = asyncio.get_running_loop()
     server = HttpServer(
