@@ -12,9 +12,10 @@ from urllib.parse import unquote
 import psycopg
 import pytest
 from autoembed.logs import setup_logging
-from autoembed.redact import MASK, RedactFilter, Redactor, passwords_in, redact
+from autoembed.redact import MASK, RedactFilter, Redactor, passwords_in, redact, secrets_in
+from psycopg.conninfo import conninfo_to_dict
 
-from .conftest import AUTOEMBED
+from .conftest import AUTOEMBED, Server
 
 # (URL, the password its author meant) — malformed, so libpq echoes pieces of it
 BAD_URLS = [
@@ -143,7 +144,7 @@ def test_pieces_and_forms() -> None:
     assert passwords_in("host=h password='it\\'s' user=u") == {"it's"}
     assert passwords_in("host=h user=u password=hunter2") == {"hunter2"}
     assert passwords_in("postgresql://u@h/db") == set()
-    r = Redactor({"hunter2"})
+    r = Redactor(pieces={"hunter2"})
     # every run covered by a piece of length >= 3 goes; shorter coincidences stay
     assert r("user hunter2 typed hun and ter, then hu") == "user *** typed *** and ***, then hu"
     assert r("dsn: host=h password=xy user=u") == "dsn: host=h password=*** user=u"
@@ -171,12 +172,67 @@ def test_a_long_password_does_not_garble_ordinary_messages() -> None:
     "created"); only pieces of five characters or more of it are masked."""
     password = "Xcre9_kQ2pLm7vBn4tWzR8yHd3sFgJ6aE1uCoNiVbMx"
     message = "function public.match_u exists and was not created by autoembed"
-    r = Redactor([password])
+    r = Redactor(pieces=[password])
     assert r(message) == message
     assert (
         r("failed to resolve host 'kQ2pLm7v@127.0.0.1'") == "failed to resolve host '***@127.0.0.1'"
     )
-    short = Redactor(["se@cret"])
+    short = Redactor(pieces=["se@cret"])
     assert (
         short("failed to resolve host 'cret@127.0.0.1'") == "failed to resolve host '***@127.0.0.1'"
     )
+
+
+def test_which_passwords_are_masked_by_pieces() -> None:
+    # malformed: libpq cannot parse it, or reads another password than the author meant
+    assert secrets_in("postgresql://u:p%zz@h/db") == ({"p%zz"}, {"p%zz"})
+    assert secrets_in("postgresql://u:se@cret@h/db")[1] >= {"se@cret"}
+    # well-formed, percent-encoded or not: whole only
+    assert secrets_in("postgresql://u:pa%40ss@h/db") == ({"pa%40ss", "pa@ss"}, set())
+    assert secrets_in("host=h user=u password=hunter2") == ({"hunter2"}, set())
+    # a password equal to the user name hides nothing: the URL forms only
+    assert secrets_in("postgresql://postgres:postgres@h/postgres") == (set(), set())
+    r = Redactor(whole={"secret"})
+    assert r("the secret is secret. secretary; x-secret-y") == "the *** is ***. secretary; x-***-y"
+    # 1 or 2 characters: the URL and conninfo forms only
+    assert Redactor(whole={"xy"})("xy, password=xy") == "xy, password=***"
+    assert Redactor(pieces={"se%cret"})("created") == "***ated"  # the README's example
+
+
+def test_a_well_formed_short_password_garbles_no_message(
+    restore_logging: None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The password `secret` of a well-formed URL is masked where it stands, and nowhere
+    else: "created" no longer reads "***ated"."""
+    url = "postgresql://app:secret@127.0.0.1:1/db"
+    monkeypatch.setenv("DATABASE_URL", url)
+    exc = libpq_error(url)
+    assert "secret" not in str(exc)  # the premise: libpq quotes no well-formed password
+    setup_logging("info", "text")
+    log = logging.getLogger("autoembed.test_redact")
+    ordinary = "created 3 jobs; progress: the results were secreted by a secretary"
+    log.warning(ordinary)
+    log.warning("database not reachable yet (%s); retrying", exc)
+    log.warning("dsn %s, and the password is secret", url)
+    err = capsys.readouterr().err
+    assert ordinary in err and str(exc).split("\n")[0] in err, err
+    assert "the password is ***" in err and "postgresql://***@127.0.0.1:1/db" in err
+    assert "secret," not in err and "is secret" not in err
+
+
+def test_a_password_equal_to_the_user_name_leaves_the_user_named(
+    server: Server, restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``postgres:postgres``, the usual local set-up: the server's refusal still says which
+    user it refused (masking that password would mask the user name everywhere)."""
+    real = conninfo_to_dict(server.url)
+    if "host" not in real or str(real["host"]).startswith("/"):
+        pytest.skip("needs a server reached over TCP")
+    who = "autoembed_nobody"
+    url = f"postgresql://{who}:{who}@{real['host']}:{real.get('port', 5432)}/postgres"
+    exc = libpq_error(url)
+    assert who in str(exc)  # "password authentication failed for user ..." or "role ..."
+    setup_logging("info", "text", secrets=[url])
+    logging.getLogger("autoembed.test_redact").warning("cannot connect: %s", exc)
+    err = capsys.readouterr().err
+    assert f'"{who}"' in err, err
