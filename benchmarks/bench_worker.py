@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autoembed.config import Settings
 from autoembed.db import connect
 from autoembed.engine import Embedder
+from autoembed.lanes import EMBED_CHUNK, turn_size
 from autoembed.migrate import migrate
 from autoembed.runner import Worker
 from autoembed.watches import watch
@@ -153,11 +154,33 @@ async def bench_drain(admin: str, emb: Embedder, n: int) -> None:
     start = time.perf_counter()
     emb.embed(texts)
     engine = time.perf_counter() - start
+    start = time.perf_counter()
+    in_turns(emb, texts, settings(url).batch_size)
+    shaped = time.perf_counter() - start
     e2e = await drain(url, emb)
     print(
         f"drain {n} passages: worker {n / e2e:.1f} rows/s, engine alone {n / engine:.1f} "
         f"texts/s -> ratio {engine / e2e:.3f}"
     )
+    print(
+        f"  the engine in the worker's shape (claims of {settings(url).batch_size}, chunks of "
+        f"{EMBED_CHUNK}, turns of {turn_size(emb)}, longest first): {n / shaped:.1f} texts/s "
+        f"({engine / shaped:.3f} of the engine alone); the worker against it: "
+        f"{shaped / e2e:.3f}"
+    )
+
+
+def in_turns(emb: Embedder, texts: list[str], claim: int) -> None:
+    """Embed ``texts`` as the worker's lanes hand them to the engine on this device: claims
+    of ``claim`` rows in queue order, each sorted longest first and cut into chunks, each
+    chunk embedded in turns (``Lanes.embed_turns``), without the queue or the database."""
+    size = turn_size(emb)
+    for c in range(0, len(texts), claim):
+        rows = sorted(texts[c : c + claim], key=len, reverse=True)
+        for k in range(0, len(rows), EMBED_CHUNK):
+            chunk = rows[k : k + EMBED_CHUNK]
+            for t in range(0, len(chunk), size):
+                emb.embed(chunk[t : t + size])
 
 
 async def bench_latency(admin: str, emb: Embedder, n: int) -> None:
