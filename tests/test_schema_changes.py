@@ -753,6 +753,72 @@ USER_TYPES = {
 }
 
 
+async def own_indexes(conn: psycopg.AsyncConnection[Any], watch_id: int) -> dict[str, int]:
+    """autoembed's indexes of a watch's table: kind (hnsw, fts, meta) -> index oid."""
+    rows = await fetch(
+        conn,
+        "SELECT substring(c.relname from '_(hnsw|fts|meta)$'), c.oid::bigint "
+        "FROM autoembed.watches w JOIN pg_index i ON i.indrelid = w.source "
+        "JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE w.id = %s AND c.relname ~ ('_w' || w.id || '_(hnsw|fts|meta)$')",
+        watch_id,
+    )
+    return {r[0]: r[1] for r in rows}
+
+
+async def test_retyping_a_column_sets_aside_only_the_indexes_that_cover_it(
+    db: Any, db_url: str, minilm: Embedder
+) -> None:
+    """An `ALTER TABLE ... TYPE` drops (for the worker to build again) only autoembed's
+    indexes that depend on a column the statement names: retyping `title` rebuilds nothing,
+    retyping the text drops its full-text index and keeps the HNSW index."""
+    await make_docs(db)
+    await db.execute("ALTER TABLE docs ADD COLUMN meta jsonb")
+    await db.execute("INSERT INTO docs (id, content, title) VALUES (1, 'vacuum reclaims', 't')")
+    wid = await watch_docs(db, metadata_column="meta")
+    await drain(db_url, minilm)
+    before = await own_indexes(db, wid)
+    assert sorted(before) == ["fts", "hnsw", "meta"], before
+
+    await db.execute("ALTER TABLE docs ALTER COLUMN title TYPE varchar(200)")
+    assert await own_indexes(db, wid) == before
+    assert await fetch(db, "SELECT index_state FROM autoembed.watches") != [("deferred",)]
+
+    # an enum's text form is not immutable: the full-text index could not be rebuilt
+    await db.execute("CREATE TYPE mood AS ENUM ('vacuum reclaims', 'happy')")
+    await db.execute('ALTER TABLE "docs" ALTER "content" TYPE mood USING content::mood')
+    after = await own_indexes(db, wid)
+    assert after == {"hnsw": before["hnsw"], "meta": before["meta"]}, after
+    await db.execute("ALTER TABLE docs ALTER COLUMN content TYPE text USING content::text")
+    await db.execute("UPDATE docs SET content = 'vacuum reclaims space' WHERE id = 1")
+    await drain(db_url, minilm)  # and the worker builds the full-text index again
+    rebuilt = await own_indexes(db, wid)
+    assert sorted(rebuilt) == ["fts", "hnsw", "meta"] and rebuilt["hnsw"] == before["hnsw"]
+    assert_matches(minilm, "vacuum reclaims space", (await embeddings(db))[1])
+
+
+@pytest.mark.parametrize(
+    ("statement", "name", "named"),
+    [
+        ("ALTER TABLE docs ALTER content TYPE int", "content", True),
+        ("alter table DOCS alter CONTENT type int", "content", True),
+        ('ALTER TABLE docs ALTER "content" TYPE int', "content", True),
+        ("ALTER TABLE docs ALTER content2 TYPE int", "content", False),
+        ("ALTER TABLE docs ALTER my_content TYPE int", "content", False),
+        ("ALTER TABLE docs ALTER a$b TYPE int", "a$b", True),
+        ("ALTER TABLE docs ALTER a$bc TYPE int", "a$b", False),
+        ('ALTER TABLE "My Docs" ALTER "Body ""x""" TYPE int', 'Body "x"', True),
+        ('ALTER TABLE "My Docs" ALTER "Body ""x""" TYPE int', "My Docs", True),
+        ('ALTER TABLE "My Docs" ALTER "Body" TYPE int', 'Body "x"', False),
+    ],
+)
+async def test_which_names_a_statement_may_name(
+    db: Any, statement: str, name: str, named: bool
+) -> None:
+    got = await fetch(db, "SELECT autoembed._may_name(%s, %s)", statement, name)
+    assert got == [(named,)]
+
+
 @pytest.mark.parametrize("kind", sorted(USER_TYPES))
 async def test_watched_column_retyped_to_a_user_type_stops_the_watch(
     db: Any, db_url: str, minilm: Embedder, kind: str
