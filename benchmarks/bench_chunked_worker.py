@@ -7,7 +7,9 @@ Pages come from the whole-page corpus (/work/shared/corpus/pgdocs-pages.jsonl, o
 pages shipped with the demo when it is absent), spread evenly; each is watched with
 ``chunking => '{}'`` and the template ``"{title}\\n\\n{chunk}"``. The engine's run cuts the
 same pages with the same chunker and embeds the same texts in the worker's 64-text chunks.
-Runs: engine, worker, engine again (the engine's rate is the mean of its two runs).
+Runs: engine, worker, engine again (the engine's rate is the mean of its two runs), then
+the engine fed as the worker's lanes feed it: rows ``CHUNKED_ROWS`` at a time, their new
+passages in document order, ``EMBED_CHUNK`` at a time, each chunk in turns (longest first).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from autoembed.chunking import Chunker  # noqa: E402
 from autoembed.config import Settings  # noqa: E402
 from autoembed.db import connect  # noqa: E402
 from autoembed.engine import Embedder  # noqa: E402
+from autoembed.lanes import CHUNKED_ROWS, EMBED_CHUNK, turn_size  # noqa: E402
 from autoembed.migrate import migrate  # noqa: E402
 from autoembed.pgserver import EmbeddedPostgres  # noqa: E402
 from autoembed.runner import Worker  # noqa: E402
@@ -64,6 +67,31 @@ def engine_run(emb: Embedder, chunker: Chunker, pages: list[dict[str, Any]]) -> 
         for i in range(0, len(ordered), CHUNK):
             emb.embed(ordered[i : i + CHUNK])
     return len(texts), time.perf_counter() - started
+
+
+def page_texts(chunker: Chunker, page: dict[str, Any]) -> list[str]:
+    reserved = chunker.template_overhead(TEMPLATE, title=page["title"])
+    return [
+        TEMPLATE.format(title=page["title"], chunk=c.text)
+        for c in chunker.chunk(page["body"], reserved).chunks
+    ]
+
+
+def engine_shaped(
+    emb: Embedder, chunker: Chunker, pages: list[dict[str, Any]]
+) -> tuple[int, float]:
+    """The engine fed as the worker's lanes feed it (``Lanes._chunk_rows``, ``embed_turns``),
+    without the queue or the database."""
+    started = time.perf_counter()
+    size, n = turn_size(emb), 0
+    for r in range(0, len(pages), CHUNKED_ROWS):
+        texts = [t for p in pages[r : r + CHUNKED_ROWS] for t in page_texts(chunker, p)]
+        n += len(texts)
+        for c in range(0, len(texts), EMBED_CHUNK):
+            chunk = sorted(texts[c : c + EMBED_CHUNK], key=len, reverse=True)
+            for t in range(0, len(chunk), size):
+                emb.embed(chunk[t : t + size])
+    return n, time.perf_counter() - started
 
 
 async def worker_run(emb: Embedder, pages: list[dict[str, Any]]) -> tuple[int, float]:
@@ -126,6 +154,13 @@ def main() -> None:
         "its deferred index built)"
     )
     print(f"ratio worker / engine: {worker_rate / engine_rate:.3f}")
+    n4, t4 = engine_shaped(emb, chunker, pages)
+    print(
+        f"engine fed as the worker feeds it ({CHUNKED_ROWS} rows at a time, chunks of "
+        f"{EMBED_CHUNK}, turns of {turn_size(emb)}): {n4 / t4:.1f}/s "
+        f"({n4 / t4 / engine_rate:.3f} of the engine alone); the worker against it: "
+        f"{worker_rate / (n4 / t4):.3f}"
+    )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS of this process (engine and worker): {peak:.0f} MiB")
 
