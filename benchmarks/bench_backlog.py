@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ from autoembed.runner import Worker
 from autoembed.watches import watch
 
 from benchmarks.bench_worker import NoOp, fresh_db, settings, use_waiting_fence
-from benchmarks.common import ROOT, cores, passages
+from benchmarks.common import ROOT, cores, passages, with_server
 
 MODEL = "all-minilm-l6-v2"
 WAIT_FENCE = False  # --wait-fence: every worker here runs with use_waiting_fence()
@@ -809,17 +809,6 @@ def run_all(args: argparse.Namespace, admin: str) -> None:
         plain = bench_scale(admin, counts, args.scale, index=False)
         indexed = bench_scale(admin, counts, args.scale_index, index=True)
         gpu_statement(plain, indexed)
-
-
-def with_server(fn: Callable[[str], None]) -> None:
-    admin = os.environ.get("DATABASE_URL")
-    if admin:
-        fn(admin)
-        return
-    from autoembed.pgserver import EmbeddedPostgres
-
-    with EmbeddedPostgres() as pg:
-        fn(pg.url)
 
 
 def main() -> None:

@@ -29,14 +29,13 @@ import asyncio
 import gzip
 import json
 import logging
-import os
 import random
 import re
 import statistics
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from autoembed.runner import Worker
 from autoembed.watches import watch
 
 from benchmarks.bench_worker import fresh_db, settings
-from benchmarks.common import CORPUS, ROOT, cores
+from benchmarks.common import CORPUS, ROOT, cores, with_server
 
 MODEL = "all-minilm-l6-v2"
 QUESTIONS = ROOT / "benchmarks" / "questions"
@@ -491,17 +490,6 @@ def bench(url: str, args: argparse.Namespace) -> None:
         report_latency_header()
         for line in lines:
             print(line)
-
-
-def with_server(fn: Callable[[str], None]) -> None:
-    admin = os.environ.get("DATABASE_URL")
-    if admin:
-        fn(admin)
-        return
-    from autoembed.pgserver import EmbeddedPostgres
-
-    with EmbeddedPostgres() as pg:
-        fn(pg.url)
 
 
 def main() -> None:

@@ -42,9 +42,9 @@ from autoembed.db import connect
 from autoembed.engine import Embedder
 from autoembed.watches import watch
 
-from benchmarks.bench_search import CACHE, MODEL, Query, corpus, queries, with_server
+from benchmarks.bench_search import CACHE, MODEL, Query, corpus, queries
 from benchmarks.bench_worker import fresh_db
-from benchmarks.common import cores
+from benchmarks.common import cores, with_server
 
 STORAGES = ("vector", "halfvec")
 K = 10

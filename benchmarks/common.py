@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: the corpus, a gte-small-shaped model, the sgemm rate."""
+"""Shared pieces of the benchmarks: the corpus, a gte-small-shaped model, the sgemm rate,
+the database server."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import gzip
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,15 @@ def cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def with_server(fn: Callable[[str], None]) -> None:
+    """``fn(admin_url)`` against $DATABASE_URL's server, or an embedded one started for it."""
+    admin = os.environ.get("DATABASE_URL")
+    if admin:
+        fn(admin)
+        return
+    from autoembed.pgserver import EmbeddedPostgres
+
+    with EmbeddedPostgres() as pg:
+        fn(pg.url)
