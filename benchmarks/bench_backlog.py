@@ -204,17 +204,22 @@ class Notes:
         return self.seen[key]
 
 
+async def backlog_and_live(conn: Any) -> None:
+    """The tables ``backlog`` (not watched yet) and ``live`` (watched)."""
+    for table in ("backlog", "live"):
+        await conn.execute(
+            f"CREATE TABLE {table} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+            "content text)"
+        )
+    await watch(conn, "live", "content", model=MODEL)
+
+
 async def bench_backlog(admin: str, n: int, kind: str, idle_probes: int, seed: int = 1) -> None:
     texts = passages(n + 400)
     backlog, spare = texts[:n], texts[n:]
     url = await fresh_db(admin, "bench_backlog")
     async with await connect(url) as conn:
-        for table in ("backlog", "live"):
-            await conn.execute(
-                f"CREATE TABLE {table} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
-                "content text)"
-            )
-        await watch(conn, "live", "content", model=MODEL)
+        await backlog_and_live(conn)
         if kind == "fresh":
             await watch(conn, "backlog", "content", model=MODEL)  # then a bulk INSERT: fresh
         async with conn.cursor() as cur, cur.copy("COPY backlog (content) FROM STDIN") as copy:
@@ -484,12 +489,7 @@ async def trace_fresh(admin: str, n: int, probes: int = 24, seed: int = 2) -> No
     texts = passages(n + probes)
     url = await fresh_db(admin, "bench_trace")
     async with await connect(url) as conn:
-        for table in ("backlog", "live"):
-            await conn.execute(
-                f"CREATE TABLE {table} (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
-                "content text)"
-            )
-        await watch(conn, "live", "content", model=MODEL)
+        await backlog_and_live(conn)
         async with conn.cursor() as cur, cur.copy("COPY backlog (content) FROM STDIN") as copy:
             for t in texts[:n]:
                 await copy.write_row((t,))
